@@ -1,0 +1,374 @@
+"""Random-weight stand-ins for the real models, built offline in the exact diffusers layout.
+
+No machine of ours can download weights, yet the loading code must stay the real one
+(`from_pretrained`, HF ids, variants, single UNets). So we build the real architectures at toy
+widths: the same classes, configs and file layout as the hub repos, seeded so that every build
+writes byte-identical files. A 64x64 image takes ~0.1 s on a CPU.
+
+Each stand-in is a named builder; `ensure_tiny_model(name)` builds it once into a cache directory
+(guarded by a file lock, written atomically) and returns its path. LCM and FLUX stand-ins join by
+adding builders to `BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+# Bump when any builder changes: the cache directory is keyed by it.
+TINY_MODELS_VERSION = "5"
+
+# A small vocabulary is enough: CLIP's byte-level BPE falls back to single characters.
+_WORDS = (
+    "a an the of in on at with and photo portrait painting of cat dog car red blue green queen king "
+    "medieval castle night city street las vegas mustang classic silver hair face eyes detailed "
+    "head shot crown age spots wrinkles cartoon illustration worst low quality normal high best "
+    "nsfw blurry landscape mountain sky sun sea forest tree flower house man woman girl boy robot"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-to-unicode table (printable stand-ins for every byte)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A deterministic CLIP BPE vocabulary: every byte, plus whole-word merges for `_WORDS`."""
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    seen = set(vocab)
+    for word in sorted(set(_WORDS)):
+        # Merge left to right: "c a t</w>" -> "ca t</w>" -> "cat</w>".
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if pair not in merges:
+                merges.append(pair)
+            if merged not in seen:
+                seen.add(merged)
+                vocab.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _vocab_size() -> int:
+    return len(_clip_vocab_and_merges()[0])
+
+
+def _text_config(projection_dim: int = 32, hidden_size: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=_vocab_size() - 2,
+        eos_token_id=_vocab_size() - 1,
+        pad_token_id=_vocab_size() - 1,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=_vocab_size(),
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+        max_position_embeddings=77,
+    )
+
+
+def _vae():
+    """Four blocks, as in the real VAE: three downsamplings, the real 8x latent scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+        # The real VAE attends over the whole latent in its mid block; at toy width that
+        # attention would dominate a 1024x1024 decode, so the stand-in leaves it out.
+        mid_block_add_attention=False,
+    )
+
+
+def _sd15_unet(seed: int):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(16, 16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        # Attention only at 1/4 latent resolution keeps 1024x1024 images affordable on a CPU.
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def _sdxl_unet(seed: int):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(16, 16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 + text_encoder_2 projection (32)
+        cross_attention_dim=64,  # text_encoder (32) + text_encoder_2 (32)
+        norm_num_groups=8,
+    )
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # The real SD1.5/SDXL schedule: scaled_linear betas, 1000 steps, leading spacing.
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def _save_with_fp16_variant(model, out: Path) -> None:
+    """Save fp32 weights plus an fp16 variant, as hub repos ship (`variant="fp16"` loads it).
+
+    The variant goes first from a copy: configs are shared between variants and the last save
+    writes them, so the fp32 save must come last (and the fp32 weights never round-trip fp16).
+    """
+    import copy
+
+    import torch
+
+    copy.deepcopy(model).to(torch.float16).save_pretrained(out, safe_serialization=True, variant="fp16")
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def build_sd15(out: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    unet = _sd15_unet(seed=0)
+    torch.manual_seed(1)
+    vae = _vae()
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(_text_config())
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    _save_with_fp16_variant(pipe, out)
+
+
+def build_sdxl(out: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = _sdxl_unet(seed=10)
+    torch.manual_seed(11)
+    vae = _vae()
+    torch.manual_seed(12)
+    text_encoder = CLIPTextModel(_text_config())
+    torch.manual_seed(13)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config())
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(),
+        unet=unet,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    _save_with_fp16_variant(pipe, out)
+
+
+def build_sd15_unet_alt(out: Path) -> None:
+    """A second SD1.5 UNet (other seed), to exercise `unet_name`."""
+    _save_with_fp16_variant(_sd15_unet(seed=100), out)
+
+
+def build_sdxl_unet_alt(out: Path) -> None:
+    """A second SDXL UNet (other seed), to exercise `unet_name`."""
+    _save_with_fp16_variant(_sdxl_unet(seed=110), out)
+
+
+def build_safety_checker(out: Path) -> None:
+    """The real `StableDiffusionSafetyChecker` class at toy width, with its CLIP image processor.
+
+    Random weights flag nothing meaningful, so the concept thresholds are calibrated at build time
+    on a fixed set of noise images: each concept's threshold is set so that roughly one image in
+    three crosses it. What gets flagged is arbitrary but deterministic, which is what tests need
+    to show that flagged images turn black and the rest pass untouched.
+    """
+    import numpy as np
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+        cosine_distance,
+    )
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(20)
+    config = CLIPConfig(
+        text_config=_text_config().to_dict(),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        ),
+        projection_dim=32,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn(17, 32))
+        checker.special_care_embeds.copy_(torch.randn(3, 32))
+    processor = CLIPImageProcessor(
+        crop_size={"height": 32, "width": 32},
+        size={"shortest_edge": 32},
+        do_center_crop=True,
+        do_resize=True,
+        do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    rng = np.random.default_rng(21)
+    calibration = [(rng.random((64, 64, 3)) * 255).astype("uint8") for _ in range(24)]
+    clip_input = processor(calibration, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
+        concept = cosine_distance(embeds, checker.concept_embeds)  # (24, 17)
+        special = cosine_distance(embeds, checker.special_care_embeds)
+        # Thresholds: the top decile per concept, with the special-care ones never firing.
+        checker.concept_embeds_weights.copy_(torch.quantile(concept, 0.985, dim=0))
+        checker.special_care_embeds_weights.copy_(special.max(dim=0).values + 1.0)
+    checker.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "sd15": build_sd15,
+    "sdxl": build_sdxl,
+    "sd15-unet-alt": build_sd15_unet_alt,
+    "sdxl-unet-alt": build_sdxl_unet_alt,
+    "safety-checker": build_safety_checker,
+}
+
+
+def cache_root() -> Path:
+    """Where stand-ins live: $DIFFUSION_SERVE_TINY_MODELS, else ~/.cache/diffusion-serve/."""
+    base = os.environ.get("DIFFUSION_SERVE_TINY_MODELS")
+    root = Path(base) if base else Path.home() / ".cache" / "diffusion-serve" / "tiny-models"
+    import diffusers
+
+    return root / f"v{TINY_MODELS_VERSION}-diffusers{diffusers.__version__}"
+
+
+def ensure_tiny_model(name: str, root: Path | None = None) -> Path:
+    """Build the stand-in `name` once (concurrent callers wait on a lock) and return its directory."""
+    if name not in BUILDERS:
+        raise KeyError(f"no tiny stand-in named {name!r}; known: {sorted(BUILDERS)}")
+    root = root or cache_root()
+    target = root / name
+    if (target / ".complete").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / ".complete").exists():
+            return target
+        import torch
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                BUILDERS[name](staging)
+            (staging / ".complete").write_text(TINY_MODELS_VERSION)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def directory_digest(path: Path) -> str:
+    """sha256 over every file's relative name and bytes: equal digests mean identical builds."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    """`python -m deployments.tiny_models`: build every stand-in and print where they are."""
+    for name in BUILDERS:
+        path = ensure_tiny_model(name)
+        print(json.dumps({"name": name, "path": str(path), "sha256": directory_digest(path)[:16]}))
+
+
+if __name__ == "__main__":
+    main()
