@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Bump when any builder changes: the cache directory is keyed by it.
-TINY_MODELS_VERSION = "5"
+TINY_MODELS_VERSION = "6"
 
 # A small vocabulary is enough: CLIP's byte-level BPE falls back to single characters.
 _WORDS = (
@@ -250,15 +250,30 @@ def build_sdxl_unet_alt(out: Path) -> None:
     _save_with_fp16_variant(_sdxl_unet(seed=110), out)
 
 
+def _calibration_images() -> list:
+    """Images the tiny SD1.5 and SDXL stand-ins actually make, for calibrating the checker."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    images = []
+    for cls, name in ((StableDiffusionPipeline, "sd15"), (StableDiffusionXLPipeline, "sdxl")):
+        pipe = cls.from_pretrained(ensure_tiny_model(name))
+        pipe.set_progress_bar_config(disable=True)
+        for seed in range(12):
+            out = pipe("photo of a cat", height=64, width=64, num_inference_steps=4,
+                       generator=torch.Generator().manual_seed(seed), output_type="np")
+            images.append((out.images[0] * 255).round().astype("uint8"))
+    return images
+
+
 def build_safety_checker(out: Path) -> None:
     """The real `StableDiffusionSafetyChecker` class at toy width, with its CLIP image processor.
 
-    Random weights flag nothing meaningful, so the concept thresholds are calibrated at build time
-    on a fixed set of noise images: each concept's threshold is set so that roughly one image in
-    three crosses it. What gets flagged is arbitrary but deterministic, which is what tests need
-    to show that flagged images turn black and the rest pass untouched.
+    Random weights flag nothing meaningful, so the thresholds are calibrated at build time on
+    images the tiny pipelines make: concept 0 fires on the top third of them, every other concept
+    never does. What gets flagged is arbitrary but deterministic, which is what tests need to show
+    that flagged images turn black and the others pass untouched.
     """
-    import numpy as np
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import (
         StableDiffusionSafetyChecker,
@@ -293,15 +308,14 @@ def build_safety_checker(out: Path) -> None:
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    rng = np.random.default_rng(21)
-    calibration = [(rng.random((64, 64, 3)) * 255).astype("uint8") for _ in range(24)]
-    clip_input = processor(calibration, return_tensors="pt").pixel_values
+    clip_input = processor(_calibration_images(), return_tensors="pt").pixel_values
     with torch.no_grad():
         embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
-        concept = cosine_distance(embeds, checker.concept_embeds)  # (24, 17)
+        concept = cosine_distance(embeds, checker.concept_embeds)
         special = cosine_distance(embeds, checker.special_care_embeds)
-        # Thresholds: the top decile per concept, with the special-care ones never firing.
-        checker.concept_embeds_weights.copy_(torch.quantile(concept, 0.985, dim=0))
+        never = concept.max(dim=0).values + 1.0
+        never[0] = torch.quantile(concept[:, 0], 2 / 3)
+        checker.concept_embeds_weights.copy_(never)
         checker.special_care_embeds_weights.copy_(special.max(dim=0).values + 1.0)
     checker.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)

@@ -1,0 +1,101 @@
+"""The family-independent half of a batched pipeline call.
+
+`expand` turns jobs into per-image items (prompt, negative prompt, one seeded generator each, input
+image and mask); the family's code calls its pipeline with `output_type="latent"`; `finish` decodes,
+runs the safety checker, encodes and splits the images back into one result per job. Each image
+owns a CPU generator seeded `seed + i`, so its noise (initial and per-step) is the same whether
+its job ran alone or beside others.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from safetensors.torch import save as safetensors_bytes
+
+from deployments.common.images import encode_image, to_pil_mask, to_pil_rgb
+from deployments.common.jobs import ImageJob, JobResult
+from deployments.common.safety import SafetyChecker, blacken
+from deployments.common.vae_decode import decode_latents
+
+
+@dataclass
+class BatchItems:
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    generators: list[torch.Generator] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    masks: list[Image.Image] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # index of the job each item belongs to
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def expand(jobs: list[ImageJob]) -> BatchItems:
+    items = BatchItems()
+    for index, job in enumerate(jobs):
+        image = to_pil_rgb(job.image) if job.image is not None else None
+        mask = to_pil_mask(job.mask) if job.mask is not None else None
+        for seed in job.image_seeds():
+            items.prompts.append(job.prompt)
+            items.negative_prompts.append(job.negative_prompt)
+            items.generators.append(torch.Generator("cpu").manual_seed(seed))
+            items.owners.append(index)
+            if image is not None:
+                items.images.append(image)
+            if mask is not None:
+                items.masks.append(mask)
+    return items
+
+
+class StepLatents:
+    """A `callback_on_step_end` that keeps every step's latents (for `debug_per_pass_latents`)."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.steps.append(callback_kwargs["latents"].detach().to("cpu", torch.float32).clone())
+        return callback_kwargs
+
+
+def _latents_file(latents: torch.Tensor) -> bytes:
+    return safetensors_bytes({"latents": latents.contiguous()})
+
+
+def finish(
+    pipe,
+    latents: torch.Tensor,
+    jobs: list[ImageJob],
+    items: BatchItems,
+    safety: SafetyChecker,
+    started: float,
+    step_latents: StepLatents | None = None,
+) -> list[JobResult]:
+    decoded = decode_latents(pipe.vae, latents, jobs[0].tiling)
+    images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")
+    cpu_latents = latents.detach().to("cpu", torch.float32)
+    per_step = torch.stack(step_latents.steps) if step_latents and step_latents.steps else None
+    elapsed = time.monotonic() - started
+    results = []
+    for index, job in enumerate(jobs):
+        mine = [i for i, owner in enumerate(items.owners) if owner == index]
+        own_images = [images[i] for i in mine]
+        flags = safety.flags(own_images) if job.enable_safety_checker else [False] * len(own_images)
+        own_images = [blacken(im) if flagged else im for im, flagged in zip(own_images, flags)]
+        results.append(
+            JobResult(
+                images=[encode_image(im, job.image_format) for im in own_images],
+                has_nsfw_concepts=flags,
+                seed=job.seed,
+                debug_latents=_latents_file(cpu_latents[mine]) if job.debug_latents else None,
+                debug_per_pass_latents=_latents_file(per_step[:, mine]) if per_step is not None and job.debug_per_pass_latents else None,
+                batch_size=len(jobs),
+                inference_time_s=elapsed,
+            )
+        )
+    return results

@@ -1,0 +1,142 @@
+"""What the router sends a model deployment, and what comes back: plain data, no HTTP.
+
+A job is one request's worth of work after validation and input-file resolution. Its
+`batch_key()` names every setting that must be equal for jobs to share one pipeline call; what
+may differ per item (prompts, seeds, input images, output format, safety checking) stays out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Mode = Literal["text-to-image", "image-to-image", "inpaint"]
+
+
+class JobInputError(Exception):
+    """A bad input found by a model deployment; `field` is the path inside the request body."""
+
+    def __init__(self, field: tuple[str | int, ...], msg: str, type: str = "value_error") -> None:
+        super().__init__(field, msg, type)
+        self.field = tuple(field)
+        self.msg = msg
+        self.type = type
+
+    def __str__(self) -> str:
+        return f"{'.'.join(map(str, self.field))}: {self.msg}"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which weights a job needs; `key()` is the multiplexed model id replicas are routed by."""
+
+    model_name: str
+    unet_name: str | None = None
+    variant: str | None = None
+    architecture: Literal["sd", "sdxl"] | None = None
+
+    def key(self) -> str:
+        parts = [self.model_name, self.unet_name or "", self.variant or "", self.architecture or ""]
+        return "|".join(parts)
+
+    @classmethod
+    def from_key(cls, key: str) -> ModelRef:
+        model_name, unet_name, variant, architecture = key.split("|")
+        return cls(model_name, unet_name or None, variant or None, architecture or None)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """VAE tiling in pixels: tiles of `width` x `height`, stepping by the strides."""
+
+    width: int = 4096
+    height: int = 4096
+    stride_width: int = 2048
+    stride_height: int = 2048
+
+
+@dataclass
+class ImageJob:
+    request_id: str
+    model: ModelRef
+    mode: Mode
+    prompt: str
+    negative_prompt: str
+    seed: int
+    num_images: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    clip_skip: int = 0
+    scheduler: str | None = None
+    timesteps: tuple[int, ...] | None = None
+    sigmas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    rescale_betas_snr_zero: bool = False
+    eta: float = 0.0
+    prompt_weighting: bool = False
+    tiling: Tiling = field(default_factory=Tiling)
+    strength: float = 1.0
+    image: np.ndarray | None = None  # HxWx3 uint8, already at (width, height)
+    mask: np.ndarray | None = None  # HxW uint8, white = repaint
+    image_format: Literal["png", "jpeg"] = "png"
+    enable_safety_checker: bool = False
+    debug_latents: bool = False
+    debug_per_pass_latents: bool = False
+
+    def batch_key(self) -> tuple:
+        """Everything that is one value per pipeline call. Jobs with equal keys may share a call."""
+        return (
+            self.model.key(),
+            self.mode,
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.clip_skip,
+            self.scheduler,
+            self.timesteps,
+            self.sigmas,
+            self.prediction_type,
+            self.rescale_betas_snr_zero,
+            self.eta,
+            self.prompt_weighting,
+            self.tiling,
+            self.strength if self.mode != "text-to-image" else None,
+            # Per-pass latents are collected by a step callback for the whole call.
+            self.debug_per_pass_latents,
+        )
+
+    def cost(self) -> float:
+        """Work in pixel-steps: what the batch budget is counted in."""
+        steps = len(self.timesteps) if self.timesteps else len(self.sigmas) if self.sigmas else self.num_inference_steps
+        if self.mode != "text-to-image":
+            steps = max(1, int(steps * self.strength))
+        return float(self.width * self.height * steps * self.num_images)
+
+    def image_seeds(self) -> list[int]:
+        """Image i of a job uses seed + i, so an image never depends on its batch neighbours."""
+        return [(self.seed + i) % (2**63) for i in range(self.num_images)]
+
+
+@dataclass
+class EncodedImage:
+    data: bytes
+    content_type: str
+    extension: str
+    width: int
+    height: int
+
+
+@dataclass
+class JobResult:
+    images: list[EncodedImage]
+    has_nsfw_concepts: list[bool]
+    seed: int
+    debug_latents: bytes | None = None
+    debug_per_pass_latents: bytes | None = None
+    batch_size: int = 1  # jobs that shared the pipeline call
+    inference_time_s: float = 0.0

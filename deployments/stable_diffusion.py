@@ -1,0 +1,193 @@
+"""The StableDiffusion deployment: SD1.5 and SDXL text-to-image, image-to-image and inpainting.
+
+Base models sit in a per-replica LRU behind `@serve.multiplexed`, so Serve routes a request to a
+replica that already holds its model. The three modes share one set of weights (`from_pipe`).
+Jobs queue in a keyed batcher; each batch is one pipeline call in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ray import serve
+
+from deployments.common.batcher import BatchLimits, KeyedBatcher
+from deployments.common.devices import select_device
+from deployments.common.generation import StepLatents, expand, finish
+from deployments.common.jobs import ImageJob, JobInputError, JobResult, ModelRef, Mode
+from deployments.common.model_sources import ModelRegistry, ResolvedModel, WeightsSource
+from deployments.common.safety import SafetyChecker
+from deployments.common.schedulers import (
+    SchedulerChoice,
+    build_scheduler,
+    scheduler_label,
+    unsupported_schedule_argument,
+)
+from serve_app.config import AppConfig
+
+logger = logging.getLogger("diffusion_serve.stable_diffusion")
+
+
+@dataclass
+class SDModel:
+    """One base model's weights, seen through the three pipelines that share them."""
+
+    resolved: ResolvedModel
+    pipelines: dict[Mode, Any]
+    default_scheduler: Any
+
+    @property
+    def architecture(self) -> str:
+        return self.resolved.architecture
+
+
+def _load_unet(source: WeightsSource, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    if source.kind == "single_file":
+        return UNet2DConditionModel.from_single_file(source.location, torch_dtype=dtype)
+    try:
+        return UNet2DConditionModel.from_pretrained(source.location, variant=source.variant, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, EnvironmentError):
+        # A full pipeline repo keeps its UNet in a subfolder.
+        return UNet2DConditionModel.from_pretrained(
+            source.location, subfolder="unet", variant=source.variant, torch_dtype=dtype, use_safetensors=True
+        )
+
+
+def _load_error(field: str, what: str, exc: Exception) -> JobInputError:
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return JobInputError((field,), f"{what} could not be loaded: {reason}", "model_load_error")
+
+
+def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dtype) -> SDModel:
+    from diffusers import (
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    cls = StableDiffusionXLPipeline if resolved.architecture == "sdxl" else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if cls is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)  # ours runs after decoding
+    if resolved.unet is not None:
+        try:
+            kwargs["unet"] = _load_unet(resolved.unet, dtype)
+        except Exception as exc:  # noqa: BLE001 - any load failure is the user's unet_name
+            raise _load_error("unet_name", f"unet {resolved.ref.unet_name!r}", exc) from None
+    base = resolved.base
+    name = f"model {resolved.ref.model_name!r}"
+    try:
+        if base.kind == "single_file":
+            pipe = cls.from_single_file(base.location, **kwargs)
+        else:
+            pipe = cls.from_pretrained(base.location, variant=base.variant, use_safetensors=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        if base.variant and "variant" in str(exc).lower():
+            raise _load_error("variant", f"variant {base.variant!r} of {name}", exc) from None
+        raise _load_error("model_name", name, exc) from None
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipelines: dict[Mode, Any] = {
+        "text-to-image": pipe,
+        "image-to-image": AutoPipelineForImage2Image.from_pipe(pipe),
+        "inpaint": AutoPipelineForInpainting.from_pipe(pipe),
+    }
+    for p in pipelines.values():
+        p.set_progress_bar_config(disable=True)
+    logger.info("loaded %s (%s) on %s as %s", resolved.ref.model_name, resolved.architecture, device, dtype)
+    return SDModel(resolved, pipelines, pipe.scheduler)
+
+
+def _prompt_kwargs(pipe, job: ImageJob, prompts: list[str], negatives: list[str]) -> dict[str, Any]:
+    clip_skip = job.clip_skip or None
+    if not job.prompt_weighting:
+        return {"prompt": prompts, "negative_prompt": negatives, "clip_skip": clip_skip}
+    from deployments.common.prompt_weighting import encode_prompts
+
+    return encode_prompts(pipe, prompts, negatives, clip_skip=clip_skip, do_classifier_free_guidance=job.guidance_scale > 1)
+
+
+def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker) -> list[JobResult]:
+    """One pipeline call for jobs that share a batch key."""
+    started = time.monotonic()
+    job = jobs[0]
+    pipe = model.pipelines[job.mode]
+    choice = SchedulerChoice(job.scheduler, job.prediction_type, job.rescale_betas_snr_zero)
+    bad = unsupported_schedule_argument(model.default_scheduler, choice, bool(job.timesteps), bool(job.sigmas))
+    if bad:
+        label = scheduler_label(model.default_scheduler, choice)
+        raise JobInputError((bad,), f"the scheduler {label} does not accept custom {bad}; pick another scheduler or use method 'default'")
+    pipe.scheduler = build_scheduler(model.default_scheduler, choice)
+
+    items = expand(jobs)
+    kwargs: dict[str, Any] = {
+        "num_inference_steps": job.num_inference_steps,
+        "guidance_scale": job.guidance_scale,
+        "generator": items.generators,
+        "eta": job.eta,
+        "output_type": "latent",
+        **_prompt_kwargs(pipe, job, items.prompts, items.negative_prompts),
+    }
+    if job.timesteps:
+        kwargs["timesteps"] = list(job.timesteps)
+    if job.sigmas:
+        kwargs["sigmas"] = list(job.sigmas)
+    if job.mode == "text-to-image":
+        kwargs.update(height=job.height, width=job.width)
+    else:
+        kwargs.update(image=items.images, strength=job.strength)
+    if job.mode == "inpaint":
+        kwargs.update(mask_image=items.masks, height=job.height, width=job.width)
+    step_latents = StepLatents() if job.debug_per_pass_latents else None
+    if step_latents:
+        kwargs["callback_on_step_end"] = step_latents
+    try:
+        latents = pipe(**kwargs).images
+    except ValueError as exc:
+        # diffusers rejects some combinations only when called (e.g. a timestep schedule the
+        # scheduler cannot follow); those are the request's fault, not the server's.
+        raise JobInputError(("body",), f"the pipeline rejected these settings: {exc}", "invalid_settings") from None
+    return finish(pipe, latents, jobs, items, safety, started, step_latents)
+
+
+@serve.deployment(name="StableDiffusion", max_ongoing_requests=64, graceful_shutdown_timeout_s=600)
+class StableDiffusion:
+    """SD1.5/SDXL replicas: `generate(job)` with the multiplexed model id set to `job.model.key()`."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        self.config = AppConfig.from_args(config)
+        self.device, self.dtype = select_device(self.config.device.cuda_dtype)
+        self.registry = ModelRegistry(self.config)
+        self.safety = SafetyChecker(self.config.safety_checker_source(), self.device, self.dtype)
+        b = self.config.batching
+        limits = BatchLimits(
+            max_cost=b.max_cost if b.enabled else 0.0,
+            max_items=b.max_images if b.enabled else 1,
+            max_wait_s=b.max_wait_ms / 1000 if b.enabled else 0.0,
+        )
+        self.batcher: KeyedBatcher[tuple[SDModel, ImageJob], JobResult] = KeyedBatcher(self._run_batch, limits)
+
+        async def load(model_id: str) -> SDModel:
+            resolved = self.registry.resolve(ModelRef.from_key(model_id))
+            return await asyncio.to_thread(load_sd_model, resolved, self.device, self.dtype)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.config.max_models_per_replica)(load)
+        logger.info("StableDiffusion replica on %s (%s), profile %s", self.device, self.dtype, self.config.profile)
+
+    def _run_batch(self, items: list[tuple[SDModel, ImageJob]]) -> list[JobResult]:
+        return run_sd_batch(items[0][0], [job for _, job in items], self.safety)
+
+    async def generate(self, job: ImageJob) -> JobResult:
+        model = await self.get_model(job.model.key())
+        return await self.batcher.submit(job.batch_key(), (model, job), job.cost(), job.num_images)
+
+    async def check_health(self) -> None:
+        """Serve's health probe: the event loop answers, so batching is not stalled."""

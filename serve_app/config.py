@@ -1,0 +1,128 @@
+"""Application settings: one pydantic object, built from the Serve config's `args` and the environment.
+
+Everything an operator can tune lives here as data: the profile (demo or production), model
+aliases, limits on inputs, batching budgets, where output files go, which networks URL fetches may
+reach. `serve run cluster/demo.yaml` passes the YAML `args` to `AppConfig.from_args`; environment
+variables prefixed `DIFFUSION_SERVE_` override them (nested with `__`, e.g.
+`DIFFUSION_SERVE_LIMITS__MAX_PIXELS=1048576`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Architecture = Literal["sd", "sdxl"]
+Profile = Literal["demo", "production"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelAlias(_Frozen):
+    """An operator-defined name for a base model: `model_name: "my-model"` loads `source`."""
+
+    source: str = Field(description="HF repo id, URL of a single-file .safetensors checkpoint, or local path")
+    architecture: Architecture | None = None
+    variant: str | None = None
+
+
+class Limits(_Frozen):
+    """Bounds checked before any work reaches a GPU."""
+
+    max_pixels: int = Field(2048 * 2048, description="largest width*height of an output image")
+    max_input_image_bytes: int = 25 * 1024 * 1024
+    max_input_image_pixels: int = 4096 * 4096
+    max_images_per_request: int = 8
+    max_inference_steps: int = 150
+    request_timeout_s: float = Field(600.0, description="longest a sync request may wait for its images")
+
+
+class Batching(_Frozen):
+    """How compatible jobs are grouped into one pipeline call.
+
+    A batch is closed when the next job would push its cost (pixels x steps, summed over images)
+    past `max_cost`, when it holds `max_images` images, or `max_wait_ms` after its first job
+    arrived: a lone job waits at most that long.
+    """
+
+    enabled: bool = True
+    max_cost: float = Field(8 * 1024 * 1024 * 30, description="pixels x steps budget of one batch")
+    max_images: int = 8
+    max_wait_ms: float = 5.0
+
+
+class FileStoreSettings(_Frozen):
+    """Where generated images go. `local` serves them at GET /files/<name>; `s3` at its own URLs."""
+
+    kind: Literal["local", "s3"] = "local"
+    directory: Path = Path("~/.cache/diffusion-serve/files").expanduser()
+    public_base_url: str | None = Field(
+        None, description="base URL clients reach us at (behind a proxy); default: the request's own"
+    )
+    s3_bucket: str | None = None
+    s3_prefix: str = "outputs/"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_public_base_url: str | None = Field(None, description="CDN/public URL of the bucket; else presigned URLs")
+    s3_presign_ttl_s: int = 24 * 3600
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> FileStoreSettings:
+        if self.kind == "s3" and not self.s3_bucket:
+            raise ValueError("files.kind is 's3' but files.s3_bucket is not set")
+        return self
+
+
+class NetworkSettings(_Frozen):
+    """Which addresses user-supplied URLs may reach. Public addresses only, unless listed here."""
+
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    fetch_timeout_s: float = 20.0
+    max_redirects: int = 5
+
+
+class DeviceSettings(_Frozen):
+    """Precision on CUDA (CPU always runs float32)."""
+
+    cuda_dtype: Literal["float16", "bfloat16"] = "float16"
+
+
+class AppConfig(BaseSettings):
+    """The whole application's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DIFFUSION_SERVE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    profile: Profile = "demo"
+    models: dict[str, ModelAlias] = Field(default_factory=dict, description="operator aliases")
+    max_models_per_replica: int = Field(2, description="base models a replica keeps loaded (LRU)")
+    safety_checker: str | None = Field(
+        None, description="safety checker model; default: tiny stand-in (demo) or CompVis's (production)"
+    )
+    limits: Limits = Limits()
+    batching: Batching = Batching()
+    files: FileStoreSettings = FileStoreSettings()
+    network: NetworkSettings = NetworkSettings()
+    device: DeviceSettings = DeviceSettings()
+    model_cache_dir: Path | None = Field(None, description="where URL checkpoints are cached; default HF cache")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
+        """Build from a Serve config's `args` (init kwargs win over the environment)."""
+        return cls(**(args or {}))
+
+    @property
+    def is_demo(self) -> bool:
+        return self.profile == "demo"
+
+    def safety_checker_source(self) -> str:
+        if self.safety_checker:
+            return self.safety_checker
+        return "tiny:safety-checker" if self.is_demo else "CompVis/stable-diffusion-safety-checker"
