@@ -17,6 +17,7 @@ import torch
 from ray import serve
 
 from deployments.common.batcher import BatchLimits, KeyedBatcher
+from deployments.common.compat import restore_clip_text_model_path
 from deployments.common.devices import select_device
 from deployments.common.generation import StepLatents, expand, finish
 from deployments.common.jobs import ImageJob, JobInputError, JobResult, ModelRef, Mode
@@ -93,6 +94,7 @@ def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dt
         if base.variant and "variant" in str(exc).lower():
             raise _load_error("variant", f"variant {base.variant!r} of {name}", exc) from None
         raise _load_error("model_name", name, exc) from None
+    restore_clip_text_model_path(pipe.text_encoder)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipelines: dict[Mode, Any] = {

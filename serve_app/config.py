@@ -9,12 +9,13 @@ variables prefixed `DIFFUSION_SERVE_` override them (nested with `__`, e.g.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serve_app.url_guard import NetworkPolicy
 
 Architecture = Literal["sd", "sdxl"]
 Profile = Literal["demo", "production"]
@@ -79,14 +80,6 @@ class FileStoreSettings(_Frozen):
         return self
 
 
-class NetworkSettings(_Frozen):
-    """Which addresses user-supplied URLs may reach. Public addresses only, unless listed here."""
-
-    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
-    fetch_timeout_s: float = 20.0
-    max_redirects: int = 5
-
-
 class DeviceSettings(_Frozen):
     """Precision on CUDA (CPU always runs float32)."""
 
@@ -109,7 +102,9 @@ class AppConfig(BaseSettings):
     limits: Limits = Limits()
     batching: Batching = Batching()
     files: FileStoreSettings = FileStoreSettings()
-    network: NetworkSettings = NetworkSettings()
+    network: NetworkPolicy = Field(
+        default_factory=NetworkPolicy, description="which addresses user URLs may reach: public ones only, unless listed"
+    )
     device: DeviceSettings = DeviceSettings()
     model_cache_dir: Path | None = Field(None, description="where URL checkpoints are cached; default HF cache")
 

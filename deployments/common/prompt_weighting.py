@@ -47,6 +47,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 
 # The marker `parse_weighted_prompt` emits for the `BREAK` keyword, spelled as A1111 spells it.
 BREAK: tuple[str, float] = ("BREAK", -1.0)
@@ -279,8 +280,6 @@ def _encode_branch(
     The pooled output is taken, as diffusers does, from an encoder whose first output is 2-D
     (`text_embeds` of CLIPTextModelWithProjection), and from each text's first window.
     """
-    from diffusers.utils.torch_utils import get_module_execution_device
-
     encoder = branch.text_encoder
     ids, weights, mask = _frame_batch(branch.tokenizer, texts_windows, n_windows)
     device = get_module_execution_device(encoder)
@@ -305,14 +304,19 @@ def _encode_texts(
     clip_skip: int | None,
     sdxl: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All branches' embeddings concatenated on the feature axis, on the last encoder's device/dtype."""
+    """All branches' embeddings concatenated on the feature axis.
+
+    They end up where diffusers puts them: the last encoder's dtype (text_encoder_2's for SDXL) and
+    its execution device (the accelerator even when model offloading parks its weights on the CPU).
+    """
     target = branches[-1].text_encoder
+    device, dtype = get_module_execution_device(target), target.dtype
     embeds, pooled = [], None
     for branch, texts_windows in zip(branches, windows_per_branch):
         branch_embeds, branch_pooled = _encode_branch(branch, texts_windows, n_windows, clip_skip, sdxl)
-        embeds.append(branch_embeds.to(target.device, target.dtype))
+        embeds.append(branch_embeds.to(device, dtype))
         if pooled is None and branch_pooled is not None:
-            pooled = branch_pooled.to(target.device, target.dtype)
+            pooled = branch_pooled.to(device, dtype)
     return torch.cat(embeds, dim=-1), pooled
 
 
@@ -349,6 +353,8 @@ def encode_prompts(
     The result works for txt2img, img2img and inpainting pipelines alike (they share this prompt
     path); don't pass `prompt`, `negative_prompt` or `clip_skip` alongside it.
     """
+    if not prompts:
+        raise ValueError("encode_prompts needs at least one prompt")
     if do_classifier_free_guidance and len(negative_prompts) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
     sdxl = _is_sdxl(pipe)

@@ -1,0 +1,30 @@
+"""Builds the Serve application from a config: the entry point of `serve run` / `serve deploy`.
+
+`cluster/demo.yaml` and `cluster/production.yaml` name `serve_app.app:build_app` as their import
+path and pass the application settings as `args`; per-deployment resources (replicas, GPUs,
+autoscaling) stay in the YAML's `deployments` section, where Serve reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.stable_diffusion import StableDiffusion
+from serve_app.config import AppConfig
+from serve_app.router import Router
+
+logger = logging.getLogger("diffusion_serve.app")
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config = AppConfig.from_args(args)
+    if config.is_demo:
+        logger.warning(
+            "DEMO PROFILE: every model name is served by tiny random-weight stand-ins; images are noise. "
+            "Use cluster/production.yaml for real weights."
+        )
+    settings = config.model_dump(mode="json")
+    return Router.bind(StableDiffusion.bind(settings), settings)

@@ -1,0 +1,100 @@
+"""The ingress deployment: fal's HTTP routes -> endpoint services.
+
+Every response carries `x-fal-request-id`; every error is in one of fal's two shapes (see
+errors.py), including errors nobody anticipated. OpenAPI docs are at /docs and /openapi.json.
+
+(No `from __future__ import annotations` here: Serve's class-based ingress needs FastAPI to see
+real annotations on the route methods.)
+"""
+
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.config import AppConfig
+from serve_app.errors import FalError, fal_error_response, install_error_handlers
+from serve_app.files import InputFiles, LocalFileStore, make_output_store
+from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
+from serve_app.services.lora import LoraService, Published
+
+logger = logging.getLogger("diffusion_serve.router")
+
+REQUEST_ID_HEADER = "x-fal-request-id"
+BATCH_SIZE_HEADER = "x-diffusion-serve-batch-size"
+
+VALIDATION_RESPONSE = {422: {"description": "Validation error: `{detail: [{loc, msg, type}]}`"}}
+
+api = FastAPI(
+    title="diffusion-serve",
+    description="A self-hosted image-generation cluster that speaks fal.ai's API.",
+    version="0.1.0",
+)
+install_error_handlers(api)
+
+
+@api.middleware("http")
+async def request_id_middleware(request: Request, call_next):
+    """Give every request an id (echoed in `x-fal-request-id`), even when it fails unexpectedly."""
+    request_id = str(uuid.uuid4())
+    request.state.request_id = request_id
+    try:
+        response = await call_next(request)
+    except Exception:  # noqa: BLE001 - the last line of defence: never a bare 500
+        logger.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
+        response = fal_error_response(FalError(500, f"internal server error (request id {request_id})", "internal_error"))
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _respond(published: Published, response: Response) -> LoraOutput:
+    response.headers[BATCH_SIZE_HEADER] = str(published.result.batch_size)
+    return published.output
+
+
+@serve.deployment(name="Router", max_ongoing_requests=256)
+@serve.ingress(api)
+class Router:
+    def __init__(self, stable_diffusion: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
+        self.config = AppConfig.from_args(config)
+        self.store = make_output_store(self.config.files)
+        self.inputs = InputFiles(self.config, self.store)
+        self.lora = LoraService(stable_diffusion, self.config, self.inputs, self.store)
+        logger.info("router up, profile %s", self.config.profile)
+
+    @api.post("/fal-ai/lora", response_model=LoraOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/lora"])
+    async def lora_text_to_image(self, body: LoraTextToImageInput, request: Request, response: Response) -> LoraOutput:
+        """Text to image with SD1.5 or SDXL."""
+        return _respond(await self.lora.run("text-to-image", body, _base_url(request), request.state.request_id), response)
+
+    @api.post("/fal-ai/lora/image-to-image", response_model=LoraOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/lora"])
+    async def lora_image_to_image(self, body: LoraImageToImageInput, request: Request, response: Response) -> LoraOutput:
+        """Image to image: `noise_strength` of noise over `image_url`, then denoised."""
+        return _respond(await self.lora.run("image-to-image", body, _base_url(request), request.state.request_id), response)
+
+    @api.post("/fal-ai/lora/inpaint", response_model=LoraOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/lora"])
+    async def lora_inpaint(self, body: LoraInpaintInput, request: Request, response: Response) -> LoraOutput:
+        """Inpainting: white pixels of `mask_url` are repainted."""
+        return _respond(await self.lora.run("inpaint", body, _base_url(request), request.state.request_id), response)
+
+    @api.get("/files/{name}", tags=["files"])
+    async def file(self, name: str):
+        """Generated files of the local store, by their unguessable names."""
+        if isinstance(self.store, LocalFileStore):
+            path = self.store.path(name)
+            if path is not None:
+                return FileResponse(path)
+        return JSONResponse(status_code=404, content={"detail": "file not found"})
+
+    @api.get("/health", tags=["operations"])
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok", "profile": self.config.profile}

@@ -1,0 +1,183 @@
+"""Serving `fal-ai/lora` and its image-to-image and inpaint variants.
+
+Turns a validated request into an `ImageJob`: checks what needs the operator's limits, fetches and
+decodes input images, picks a seed, then calls the StableDiffusion deployment and publishes the
+images. Engine code never sees HTTP; this class never sees a tensor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image as PILImage
+from ray.serve.handle import DeploymentHandle
+
+from deployments.common.jobs import ImageJob, JobResult, ModelRef, Mode, Tiling
+from serve_app.config import AppConfig
+from serve_app.errors import InputError
+from serve_app.files import InputFiles, InputImage, OutputStore, data_uri
+from serve_app.schemas.common import File, Image, size_of
+from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
+from serve_app.services.dispatch import call_model
+
+LoraInput = LoraTextToImageInput | LoraImageToImageInput | LoraInpaintInput
+
+# Adapter lists arrive with the adapter fetcher; until then they are refused, never ignored.
+NOT_YET_SERVED = ("loras", "embeddings", "controlnets", "ip_adapter")
+IC_LIGHT = ("ic_light_model_url", "ic_light_model_background_image_url", "ic_light_image_url")
+
+
+@dataclass
+class Published:
+    output: LoraOutput
+    result: JobResult
+
+
+def _round_to_8(image: InputImage) -> np.ndarray:
+    """The VAE needs sides divisible by 8: crop-free resize down to the nearest multiple."""
+    width, height = image.size
+    w8, h8 = width - width % 8, height - height % 8
+    if (w8, h8) == (width, height):
+        return image.pixels
+    resample = PILImage.Resampling.LANCZOS if image.pixels.ndim == 3 else PILImage.Resampling.NEAREST
+    return np.asarray(PILImage.fromarray(image.pixels).resize((w8, h8), resample))
+
+
+class LoraService:
+    def __init__(self, model: DeploymentHandle, config: AppConfig, inputs: InputFiles, store: OutputStore) -> None:
+        self.model = model
+        self.config = config
+        self.inputs = inputs
+        self.store = store
+
+    def _refuse_unserved(self, body: LoraInput) -> None:
+        for name in NOT_YET_SERVED:
+            if getattr(body, name):
+                raise InputError(["body", name], f"{name} are not served by this server version yet; send an empty list", "not_supported")
+        for name in IC_LIGHT:
+            if getattr(body, name):
+                raise InputError(["body", name], "IC-Light relighting is not served by this server", "not_supported")
+
+    def _check_size(self, width: int, height: int, loc: list[str | int]) -> None:
+        limit = self.config.limits.max_pixels
+        if width * height > limit:
+            raise InputError(loc, f"{width}x{height} is {width * height} pixels; this server allows at most {limit}", "image_too_large")
+        if width < 8 or height < 8:
+            raise InputError(loc, "images must be at least 8x8 pixels", "image_too_small")
+
+    async def _inputs(self, mode: Mode, body: LoraInput, base_url: str) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
+        if mode == "text-to-image":
+            width, height = size_of(body.image_size)
+            self._check_size(width, height, ["body", "image_size"])
+            return None, None, width, height
+        fetches = [self.inputs.image(body.image_url, ["body", "image_url"], base_url)]
+        if mode == "inpaint":
+            fetches.append(self.inputs.image(body.mask_url, ["body", "mask_url"], base_url, mode="L"))
+        loaded = await asyncio.gather(*fetches)
+        image = loaded[0]
+        self._check_size(*image.size, ["body", "image_url"])
+        mask = None
+        if mode == "inpaint":
+            if loaded[1].size != image.size:
+                raise InputError(
+                    ["body", "mask_url"],
+                    f"mask is {loaded[1].size[0]}x{loaded[1].size[1]} but the image is {image.size[0]}x{image.size[1]}; they must match",
+                    "mask_size_mismatch",
+                )
+            mask = _round_to_8(loaded[1])
+        pixels = _round_to_8(image)
+        return pixels, mask, pixels.shape[1], pixels.shape[0]
+
+    def _strength(self, mode: Mode, body: LoraInput) -> float:
+        if mode == "text-to-image":
+            return 1.0
+        strength = body.noise_strength
+        steps = len(body.timesteps.array or body.sigmas.array) or body.num_inference_steps
+        if int(steps * strength) < 1:
+            raise InputError(
+                ["body", "noise_strength"],
+                f"noise_strength {strength} leaves no denoising step out of {steps}; use at least {1 / steps:.3f} or more steps",
+                "value_error",
+            )
+        return strength
+
+    async def job(self, mode: Mode, body: LoraInput, base_url: str, request_id: str) -> ImageJob:
+        self._refuse_unserved(body)
+        if body.num_images > self.config.limits.max_images_per_request:
+            raise InputError(["body", "num_images"], f"at most {self.config.limits.max_images_per_request} images per request", "value_error")
+        strength = self._strength(mode, body)
+        image, mask, width, height = await self._inputs(mode, body, base_url)
+        return ImageJob(
+            request_id=request_id,
+            model=ModelRef(body.model_name, body.unet_name, body.variant, body.model_architecture),
+            mode=mode,
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+            num_images=body.num_images,
+            width=width,
+            height=height,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            clip_skip=body.clip_skip,
+            scheduler=body.scheduler,
+            timesteps=tuple(body.timesteps.values) if body.timesteps.values else None,
+            sigmas=tuple(body.sigmas.values) if body.sigmas.values else None,
+            prediction_type=body.prediction_type,
+            rescale_betas_snr_zero=body.rescale_betas_snr_zero,
+            eta=body.eta,
+            prompt_weighting=body.prompt_weighting,
+            tiling=Tiling(body.tile_width, body.tile_height, body.tile_stride_width, body.tile_stride_height),
+            strength=strength,
+            image=image,
+            mask=mask,
+            image_format=body.image_format,
+            enable_safety_checker=body.enable_safety_checker,
+            debug_latents=body.debug_latents,
+            debug_per_pass_latents=body.debug_per_pass_latents,
+        )
+
+    async def run(self, mode: Mode, body: LoraInput, base_url: str, request_id: str) -> Published:
+        job = await self.job(mode, body, base_url, request_id)
+        result: JobResult = await call_model(
+            self.model, "generate", job, job.model.key(), self.config.limits.request_timeout_s, request_id
+        )
+        return Published(await asyncio.to_thread(self.publish, result, body.sync_mode, base_url), result)
+
+    def publish(self, result: JobResult, sync_mode: bool, base_url: str) -> LoraOutput:
+        images = []
+        for encoded in result.images:
+            if sync_mode:
+                url, name = data_uri(encoded.data, encoded.content_type), None
+            else:
+                name = self.store.save(encoded.data, encoded.extension, encoded.content_type)
+                url = self.store.url(name, base_url)
+            images.append(
+                Image(
+                    url=url,
+                    content_type=encoded.content_type,
+                    file_name=name or f"image.{encoded.extension}",
+                    file_size=len(encoded.data),
+                    width=encoded.width,
+                    height=encoded.height,
+                )
+            )
+        return LoraOutput(
+            images=images,
+            seed=result.seed,
+            has_nsfw_concepts=result.has_nsfw_concepts,
+            debug_latents=self._latents_file(result.debug_latents, sync_mode, base_url),
+            debug_per_pass_latents=self._latents_file(result.debug_per_pass_latents, sync_mode, base_url),
+        )
+
+    def _latents_file(self, data: bytes | None, sync_mode: bool, base_url: str) -> File | None:
+        if data is None:
+            return None
+        content_type = "application/octet-stream"
+        if sync_mode:
+            return File(url=data_uri(data, content_type), content_type=content_type, file_name="latents.safetensors", file_size=len(data))
+        name = self.store.save(data, "safetensors", content_type)
+        return File(url=self.store.url(name, base_url), content_type=content_type, file_name=name, file_size=len(data))
