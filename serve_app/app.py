@@ -19,12 +19,18 @@ from serve_app.router import Router
 logger = logging.getLogger("diffusion_serve.app")
 
 
-def build_app(args: dict[str, Any] | None = None) -> Application:
-    config = AppConfig.from_args(args)
+def assemble(config: AppConfig, stable_diffusion_options: dict[str, Any] | None = None) -> Application:
+    """The application graph: Router -> StableDiffusion, both built from one config."""
     if config.is_demo:
         logger.warning(
             "DEMO PROFILE: every model name is served by tiny random-weight stand-ins; images are noise. "
             "Use cluster/production.yaml for real weights."
         )
     settings = config.model_dump(mode="json")
-    return Router.bind(StableDiffusion.bind(settings), settings)
+    stable_diffusion = StableDiffusion.options(**(stable_diffusion_options or {}))
+    return Router.bind(stable_diffusion.bind(settings), settings)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """`import_path` target of the Serve configs: `args` are the YAML's application args."""
+    return assemble(AppConfig.from_args(args))

@@ -113,6 +113,12 @@ class ModelRegistry:
             return WeightsSource(str(local), "single_file", variant), None
         if name.startswith(("/", "./", "../", "~")):
             raise JobInputError(("model_name",), f"no model at local path {name!r}", "model_load_error")
+        if not (_is_url(name) or HF_REPO_ID.match(name)):
+            raise JobInputError(
+                ("model_name",),
+                f"{name!r} is neither an alias, a local path, an http(s) URL nor a Hugging Face id (owner/name)",
+                "model_load_error",
+            )
         if self.config.is_demo:
             return WeightsSource(name, "pretrained", variant, stand_in=True), None
         if _is_url(name):
@@ -120,13 +126,7 @@ class ModelRegistry:
                 raise JobInputError(("model_name",), "URL checkpoints are not enabled on this server", "model_load_error")
             path = self._download_url(name, ("model_name",))
             return WeightsSource(str(path), "single_file", variant), None
-        if HF_REPO_ID.match(name):
-            return WeightsSource(name, "pretrained", variant), declared or self._hub_architecture(name)
-        raise JobInputError(
-            ("model_name",),
-            f"{name!r} is neither an alias, a local path, an http(s) URL nor a Hugging Face id (owner/name)",
-            "model_load_error",
-        )
+        return WeightsSource(name, "pretrained", variant), declared or self._hub_architecture(name)
 
     def _hub_architecture(self, repo_id: str) -> Architecture | None:
         """Read the repo's model_index.json through huggingface_hub (cached like the weights)."""
