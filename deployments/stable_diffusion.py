@@ -167,6 +167,8 @@ class StableDiffusion:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = AppConfig.from_args(config)
         self.device, self.dtype = select_device(self.config.device.cuda_dtype)
+        if self.device.type == "cpu" and self.config.device.cpu_threads:
+            torch.set_num_threads(self.config.device.cpu_threads)
         self.registry = ModelRegistry(self.config)
         self.safety = SafetyChecker(self.config.safety_checker_source(), self.device, self.dtype)
         b = self.config.batching
@@ -185,6 +187,9 @@ class StableDiffusion:
         logger.info("StableDiffusion replica on %s (%s), profile %s", self.device, self.dtype, self.config.profile)
 
     def _run_batch(self, items: list[tuple[SDModel, ImageJob]]) -> list[JobResult]:
+        if self.device.type == "cpu" and self.config.device.cpu_threads:
+            # OpenMP thread counts are per calling thread; batches run in worker threads.
+            torch.set_num_threads(self.config.device.cpu_threads)
         return run_sd_batch(items[0][0], [job for _, job in items], self.safety)
 
     async def generate(self, job: ImageJob) -> JobResult:

@@ -48,14 +48,14 @@ class Batching(_Frozen):
     """How compatible jobs are grouped into one pipeline call.
 
     A batch is closed when the next job would push its cost (pixels x steps, summed over images)
-    past `max_cost`, when it holds `max_images` images, or `max_wait_ms` after its first job
-    arrived: a lone job waits at most that long.
+    past `max_cost`, when it holds `max_images` images, when it holds as many jobs as the previous
+    batch of its kind (so an idle replica never waits), or `max_wait_ms` after its first job.
     """
 
     enabled: bool = True
     max_cost: float = Field(8 * 1024 * 1024 * 30, description="pixels x steps budget of one batch")
     max_images: int = 8
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 25.0
 
 
 class FileStoreSettings(_Frozen):
@@ -81,9 +81,10 @@ class FileStoreSettings(_Frozen):
 
 
 class DeviceSettings(_Frozen):
-    """Precision on CUDA (CPU always runs float32)."""
+    """Precision on CUDA (CPU always runs float32), and CPU threads."""
 
     cuda_dtype: Literal["float16", "bfloat16"] = "float16"
+    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica on CPU; default Ray's")
 
 
 class AppConfig(BaseSettings):

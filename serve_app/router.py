@@ -27,6 +27,7 @@ logger = logging.getLogger("diffusion_serve.router")
 
 REQUEST_ID_HEADER = "x-fal-request-id"
 BATCH_SIZE_HEADER = "x-diffusion-serve-batch-size"
+INFERENCE_TIME_HEADER = "x-diffusion-serve-inference-ms"
 
 VALIDATION_RESPONSE = {422: {"description": "Validation error: `{detail: [{loc, msg, type}]}`"}}
 
@@ -58,6 +59,7 @@ def _base_url(request: Request) -> str:
 
 def _respond(published: Published, response: Response) -> LoraOutput:
     response.headers[BATCH_SIZE_HEADER] = str(published.result.batch_size)
+    response.headers[INFERENCE_TIME_HEADER] = f"{published.result.inference_time_s * 1000:.1f}"
     return published.output
 
 

@@ -6,6 +6,10 @@ jobs queue under their compatibility key; the oldest key is served first (FIFO a
 its batch closes when the next job would exceed the cost budget, when it holds `max_items` items,
 or `max_wait_s` after its first job arrived. The call itself runs in a worker thread so the event
 loop (health checks, multiplexing, more arrivals) never stalls.
+
+Waiting is adaptive: a batch also closes as soon as it holds as many jobs as the key's previous
+batch did. An idle replica (previous batch: one job) therefore runs a lone job at once, while a
+busy one waits, up to `max_wait_s`, for the clients it just served to come back.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class KeyedBatcher(Generic[Item, Result]):
         self._queues: OrderedDict[Hashable, list[_Pending[Item]]] = OrderedDict()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
+        self._last_batch_jobs: dict[Hashable, int] = {}
 
     @property
     def queued(self) -> int:
@@ -85,10 +90,12 @@ class KeyedBatcher(Generic[Item, Result]):
             return None
         return min(self._queues, key=lambda k: self._queues[k][0].arrived)
 
-    def _is_full(self, queue: list[_Pending[Item]]) -> bool:
+    def _is_ready(self, key: Hashable, queue: list[_Pending[Item]]) -> bool:
+        """Full, or as large as the key's previous batch (no reason to expect more)."""
         cost = sum(p.cost for p in queue)
         items = sum(p.size for p in queue)
-        return cost >= self._limits.max_cost or items >= self._limits.max_items
+        full = cost >= self._limits.max_cost or items >= self._limits.max_items
+        return full or len(queue) >= self._last_batch_jobs.get(key, 1)
 
     def _take(self, key: Hashable) -> list[_Pending[Item]]:
         """The longest FIFO prefix of the key's queue that fits the budget (at least one job)."""
@@ -118,7 +125,7 @@ class KeyedBatcher(Generic[Item, Result]):
                         return  # idle: a new submit starts a fresh worker
                 continue
             deadline = self._queues[key][0].arrived + self._limits.max_wait_s
-            while key in self._queues and not self._is_full(self._queues[key]):
+            while key in self._queues and not self._is_ready(key, self._queues[key]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -130,6 +137,7 @@ class KeyedBatcher(Generic[Item, Result]):
             if key not in self._queues:  # every job of the key was cancelled while waiting
                 continue
             batch = [p for p in self._take(key) if not p.future.done()]
+            self._last_batch_jobs[key] = max(1, len(batch))
             if batch:
                 await self._run(batch)
 

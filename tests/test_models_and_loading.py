@@ -1,0 +1,112 @@
+"""Tiny stand-ins are real diffusers models; the production loading path opens them like hub repos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.common.devices import select_device
+from deployments.common.jobs import ImageJob, JobInputError, ModelRef, Tiling
+from deployments.common.model_sources import ModelRegistry
+from deployments.common.safety import SafetyChecker
+from deployments.common.vae_decode import decode_latents
+from deployments.stable_diffusion import load_sd_model, run_sd_batch
+from deployments.tiny_models import build_sd15, directory_digest, ensure_tiny_model
+from serve_app.config import AppConfig
+
+
+def test_building_twice_writes_identical_files(tmp_path):
+    build_sd15(tmp_path / "a")
+    build_sd15(tmp_path / "b")
+    assert directory_digest(tmp_path / "a") == directory_digest(tmp_path / "b")
+
+
+@pytest.mark.parametrize("name, pipeline", [("sd15", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")])
+def test_stand_ins_use_the_real_layout_and_8x_vae(name, pipeline):
+    path = ensure_tiny_model(name)
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == pipeline
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    assert 2 ** (len(vae["block_out_channels"]) - 1) == 8
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (path / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    if name == "sdxl":
+        assert {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"} <= set(index)
+
+
+def _job(model: ModelRef, **kw) -> ImageJob:
+    base = dict(request_id="t", model=model, mode="text-to-image", prompt="photo of a cat", negative_prompt="", seed=3,
+                num_images=1, width=64, height=64, num_inference_steps=3, guidance_scale=5.0)
+    base.update(kw)
+    return ImageJob(**base)
+
+
+@pytest.fixture()
+def offline_hub(tmp_path, monkeypatch):
+    """A Hugging Face cache holding the tiny SDXL model as `test-org/tiny-sdxl`, hub offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--test-org--tiny-sdxl" / "snapshots" / ("0" * 40)
+    shutil.copytree(ensure_tiny_model("sdxl"), snapshot, ignore=shutil.ignore_patterns(".complete"))
+    (cache / "models--test-org--tiny-sdxl" / "refs").mkdir(parents=True)
+    (cache / "models--test-org--tiny-sdxl" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_production_profile_loads_a_hub_id_through_huggingface_hub(offline_hub):
+    registry = ModelRegistry(AppConfig(profile="production"))
+    resolved = registry.resolve(ModelRef("test-org/tiny-sdxl"))
+    # No "xl" hint needed from the request: the architecture comes from the repo's model_index.json.
+    assert resolved.architecture == "sdxl" and not resolved.base.stand_in
+    device, dtype = select_device()
+    model = load_sd_model(resolved, device, dtype)
+    result = run_sd_batch(model, [_job(resolved.ref)], SafetyChecker("tiny:safety-checker", device, dtype))[0]
+    assert result.images[0].width == 64
+
+
+def test_production_profile_names_a_missing_hub_model(offline_hub):
+    registry = ModelRegistry(AppConfig(profile="production"))
+    with pytest.raises(JobInputError) as err:
+        registry.resolve(ModelRef("test-org/does-not-exist"))
+    assert err.value.field == ("model_name",) and "test-org/does-not-exist" in err.value.msg
+
+
+def test_aliases_and_local_paths(tmp_path):
+    local = str(ensure_tiny_model("sd15"))
+    config = AppConfig(profile="production", models={"house-style": {"source": local}})
+    registry = ModelRegistry(config)
+    by_alias = registry.resolve(ModelRef("house-style"))
+    assert by_alias.base.location == local and by_alias.architecture == "sd"
+    assert registry.resolve(ModelRef(local)).base.kind == "pretrained"
+    with pytest.raises(JobInputError):
+        registry.resolve(ModelRef(str(tmp_path / "nothing-here")))
+
+
+def test_demo_profile_guesses_architecture_from_the_name():
+    registry = ModelRegistry(AppConfig(profile="demo"))
+    assert registry.resolve(ModelRef("stabilityai/stable-diffusion-xl-base-1.0")).architecture == "sdxl"
+    assert registry.resolve(ModelRef("runwayml/stable-diffusion-v1-5")).architecture == "sd"
+    assert registry.resolve(ModelRef("SG161222/Realistic_Vision_V2.0", architecture="sdxl")).architecture == "sdxl"
+    assert registry.resolve(ModelRef("https://example.com/ckpt/juggernautXL.safetensors")).architecture == "sdxl"
+
+
+def test_tiled_decode_matches_the_whole_decode_closely():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(ensure_tiny_model("sd15"), subfolder="vae")
+    latents = torch.randn(1, 4, 32, 24, generator=torch.Generator().manual_seed(0))
+    whole = decode_latents(vae, latents, Tiling())
+    tiled = decode_latents(vae, latents, Tiling(width=128, height=128, stride_width=64, stride_height=64))
+    assert tiled.shape == whole.shape == (1, 3, 256, 192)
+    # Tiles see less context at their borders; blending keeps the result close, not identical.
+    assert not torch.equal(tiled, whole)
+    assert (tiled - whole).abs().mean() < 0.1 * whole.abs().mean() + 0.05
