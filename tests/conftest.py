@@ -1,16 +1,21 @@
 """Shared fixtures: one real Ray cluster (fake GPUs) and one deployed stack per test session.
 
 Ray takes ~10 s to start on two cores, so every integration test shares the cluster; the stack
-(Router + StableDiffusion on a fake GPU, tiny models, demo profile) is deployed once.
+(Router + StableDiffusion on a fake GPU, tiny models, demo profile) is deployed once and served
+over HTTPS with a certificate from a CA made here, as fal's clients only speak https.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import datetime
+import ipaddress
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -46,6 +51,59 @@ def square_mask(width: int, height: int) -> np.ndarray:
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
     return mask
+
+
+@dataclass(frozen=True)
+class TestCA:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def make_test_ca(directory: Path) -> TestCA:
+    """A throwaway CA and a server certificate for localhost / 127.0.0.1."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "diffusion-serve test CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca = TestCA(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    ca.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    ca.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca.key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return ca
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory) -> TestCA:
+    return make_test_ca(tmp_path_factory.mktemp("tls"))
 
 
 class ImageServer:
@@ -102,15 +160,22 @@ def files_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(ray_cluster, files_dir) -> Iterator[str]:
-    """The demo stack over real HTTP; the SD replica is scheduled on a (fake) GPU."""
+def stack(ray_cluster, files_dir, test_ca) -> Iterator[str]:
+    """The demo stack over real HTTPS; the SD replica is scheduled on a (fake) GPU."""
     from ray import serve
 
     from serve_app.app import assemble
     from serve_app.config import AppConfig
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(
+        http_options={
+            "host": "127.0.0.1",
+            "port": port,
+            "ssl_keyfile": str(test_ca.key_file),
+            "ssl_certfile": str(test_ca.cert_file),
+        }
+    )
     config = AppConfig(
         profile="demo",
         files={"directory": str(files_dir)},
@@ -120,12 +185,12 @@ def stack(ray_cluster, files_dir) -> Iterator[str]:
     )
     app = assemble(config, {"ray_actor_options": {"num_gpus": 1, "num_cpus": 1}})
     serve.run(app, name="diffusion-serve", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://localhost:{port}"
     yield url
     serve.shutdown()
 
 
 @pytest.fixture(scope="session")
-def http(stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack, timeout=120) as client:
+def http(stack, test_ca) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack, timeout=120, verify=test_ca.ssl_context()) as client:
         yield client
