@@ -55,7 +55,7 @@ class Batching(_Frozen):
     enabled: bool = True
     max_cost: float = Field(8 * 1024 * 1024 * 30, description="pixels x steps budget of one batch")
     max_images: int = 8
-    max_wait_ms: float = 25.0
+    max_wait_ms: float = 50.0
 
 
 class FileStoreSettings(_Frozen):

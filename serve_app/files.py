@@ -32,6 +32,35 @@ FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|safetensors)$")
 DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
 
 
+# --- output encoding -----------------------------------------------------------------------
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+# fal saves JPEG at quality 95. PNG level 1 is ~5x faster than the default 6 for ~10% more bytes:
+# on the hot path, latency wins.
+JPEG_QUALITY = 95
+PNG_COMPRESS_LEVEL = 1
+
+
+@dataclass
+class EncodedImage:
+    data: bytes
+    content_type: str
+    extension: str
+    width: int
+    height: int
+
+
+def encode_image(pixels: np.ndarray, fmt: str) -> EncodedImage:
+    """Encode model output. Runs in the router's threads (PIL's zlib/libjpeg release the GIL)."""
+    image = Image.fromarray(pixels, mode="RGB")
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return EncodedImage(buf.getvalue(), CONTENT_TYPES[fmt], "jpg" if fmt == "jpeg" else "png", image.width, image.height)
+
+
 # --- output storage ------------------------------------------------------------------------
 
 

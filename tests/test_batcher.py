@@ -145,7 +145,7 @@ async def test_an_idle_batcher_runs_a_lone_job_without_waiting():
     assert time.monotonic() - started < 1.0  # far below max_wait: nobody else was expected
 
 
-async def test_a_busy_batcher_waits_for_as_many_jobs_as_its_last_batch():
+async def test_a_busy_batcher_waits_for_the_clients_it_just_served():
     rec = Recorder()
     b = batcher(rec, max_wait_s=2.0)
     await asyncio.gather(*(b.submit("A", ("A", i), cost=1) for i in range(3)))
@@ -158,3 +158,18 @@ async def test_a_busy_batcher_waits_for_as_many_jobs_as_its_last_batch():
     # Clients come back at slightly different times: the batcher waits for all three.
     await asyncio.gather(late(10, 0.0), late(11, 0.05), late(12, 0.1))
     assert [len(x) for x in rec.batches] == [3, 3]
+
+
+async def test_demand_counts_jobs_that_queued_during_a_call():
+    """Seven clients in a call, an eighth queued: the next batch waits for all eight."""
+    rec = Recorder(delay=0.2)
+    b = batcher(rec, max_wait_s=1.0)
+
+    async def client(i: int, first_delay: float):
+        await asyncio.sleep(first_delay)
+        await b.submit("A", ("A", i), cost=1)
+        await asyncio.sleep(0.02 * (i % 4))  # round trip back to the server, a little spread
+        await b.submit("A", ("A", 100 + i), cost=1)
+
+    await asyncio.gather(*(client(i, 0.0) for i in range(7)), client(7, 0.05))
+    assert [len(x) for x in rec.batches][:2] == [7, 8]  # then the eighth client's second job

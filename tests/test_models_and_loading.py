@@ -70,7 +70,7 @@ def test_production_profile_loads_a_hub_id_through_huggingface_hub(offline_hub):
     device, dtype = select_device()
     model = load_sd_model(resolved, device, dtype)
     result = run_sd_batch(model, [_job(resolved.ref)], SafetyChecker("tiny:safety-checker", device, dtype))[0]
-    assert result.images[0].width == 64
+    assert result.images[0].shape == (64, 64, 3)
 
 
 def test_production_profile_names_a_missing_hub_model(offline_hub):

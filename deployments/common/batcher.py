@@ -7,9 +7,10 @@ its batch closes when the next job would exceed the cost budget, when it holds `
 or `max_wait_s` after its first job arrived. The call itself runs in a worker thread so the event
 loop (health checks, multiplexing, more arrivals) never stalls.
 
-Waiting is adaptive: a batch also closes as soon as it holds as many jobs as the key's previous
-batch did. An idle replica (previous batch: one job) therefore runs a lone job at once, while a
-busy one waits, up to `max_wait_s`, for the clients it just served to come back.
+Waiting is adaptive: a batch also closes as soon as it holds as many jobs as the key's recent
+demand, the jobs of the batch that just finished plus those that queued meanwhile (the clients
+just served tend to come back). An idle replica (demand: one job) therefore runs a lone job at
+once, while a busy one waits, up to `max_wait_s`, for its clients to return.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class KeyedBatcher(Generic[Item, Result]):
         self._queues: OrderedDict[Hashable, list[_Pending[Item]]] = OrderedDict()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
-        self._last_batch_jobs: dict[Hashable, int] = {}
+        self._demand: dict[Hashable, int] = {}
 
     @property
     def queued(self) -> int:
@@ -91,11 +92,11 @@ class KeyedBatcher(Generic[Item, Result]):
         return min(self._queues, key=lambda k: self._queues[k][0].arrived)
 
     def _is_ready(self, key: Hashable, queue: list[_Pending[Item]]) -> bool:
-        """Full, or as large as the key's previous batch (no reason to expect more)."""
+        """Full, or as large as the key's recent demand (no reason to expect more)."""
         cost = sum(p.cost for p in queue)
         items = sum(p.size for p in queue)
         full = cost >= self._limits.max_cost or items >= self._limits.max_items
-        return full or len(queue) >= self._last_batch_jobs.get(key, 1)
+        return full or len(queue) >= self._demand.get(key, 1)
 
     def _take(self, key: Hashable) -> list[_Pending[Item]]:
         """The longest FIFO prefix of the key's queue that fits the budget (at least one job)."""
@@ -115,6 +116,7 @@ class KeyedBatcher(Generic[Item, Result]):
 
     async def _work(self) -> None:
         while True:
+            free_since = time.monotonic()
             key = self._oldest_key()
             if key is None:
                 self._wakeup.clear()
@@ -124,7 +126,9 @@ class KeyedBatcher(Generic[Item, Result]):
                     if not self._queues:
                         return  # idle: a new submit starts a fresh worker
                 continue
-            deadline = self._queues[key][0].arrived + self._limits.max_wait_s
+            # Jobs that queued while a call ran may still wait (briefly) for their usual company:
+            # the wait counts from when the worker became free, not only from arrival.
+            deadline = max(self._queues[key][0].arrived, free_since) + self._limits.max_wait_s
             while key in self._queues and not self._is_ready(key, self._queues[key]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -137,9 +141,9 @@ class KeyedBatcher(Generic[Item, Result]):
             if key not in self._queues:  # every job of the key was cancelled while waiting
                 continue
             batch = [p for p in self._take(key) if not p.future.done()]
-            self._last_batch_jobs[key] = max(1, len(batch))
             if batch:
                 await self._run(batch)
+            self._demand[key] = max(1, len(batch) + len(self._queues.get(key, ())))
 
     async def _run(self, batch: list[_Pending[Item]]) -> None:
         started = time.monotonic()

@@ -2,7 +2,7 @@
 
 `expand` turns jobs into per-image items (prompt, negative prompt, one seeded generator each, input
 image and mask); the family's code calls its pipeline with `output_type="latent"`; `finish` decodes,
-runs the safety checker, encodes and splits the images back into one result per job. Each image
+runs the safety checker and splits the pixels back into one result per job (the router encodes). Each image
 owns a CPU generator seeded `seed + i`, so its noise (initial and per-step) is the same whether
 its job ran alone or beside others.
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 
-from deployments.common.images import encode_image, to_pil_mask, to_pil_rgb
+from deployments.common.images import to_pil_mask, to_pil_rgb
 from deployments.common.jobs import ImageJob, JobResult
 from deployments.common.safety import SafetyChecker, blacken
 from deployments.common.vae_decode import decode_latents
@@ -89,7 +90,7 @@ def finish(
         own_images = [blacken(im) if flagged else im for im, flagged in zip(own_images, flags)]
         results.append(
             JobResult(
-                images=[encode_image(im, job.image_format) for im in own_images],
+                images=[np.asarray(im, dtype=np.uint8) for im in own_images],
                 has_nsfw_concepts=flags,
                 seed=job.seed,
                 debug_latents=_latents_file(cpu_latents[mine]) if job.debug_latents else None,

@@ -2,7 +2,8 @@
 
 A job is one request's worth of work after validation and input-file resolution. Its
 `batch_key()` names every setting that must be equal for jobs to share one pipeline call; what
-may differ per item (prompts, seeds, input images, output format, safety checking) stays out.
+may differ per item (prompts, seeds, input images, safety checking) stays out; output encoding
+is the router's business.
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ class ImageJob:
     strength: float = 1.0
     image: np.ndarray | None = None  # HxWx3 uint8, already at (width, height)
     mask: np.ndarray | None = None  # HxW uint8, white = repaint
-    image_format: Literal["png", "jpeg"] = "png"
     enable_safety_checker: bool = False
     debug_latents: bool = False
     debug_per_pass_latents: bool = False
@@ -123,17 +123,10 @@ class ImageJob:
 
 
 @dataclass
-class EncodedImage:
-    data: bytes
-    content_type: str
-    extension: str
-    width: int
-    height: int
-
-
-@dataclass
 class JobResult:
-    images: list[EncodedImage]
+    """Raw pixels (HxWx3 uint8): encoding is CPU work, done by the router, not on a GPU replica."""
+
+    images: list[np.ndarray]
     has_nsfw_concepts: list[bool]
     seed: int
     debug_latents: bytes | None = None

@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.common.jobs import ImageJob, JobResult, ModelRef, Mode, Tiling
 from serve_app.config import AppConfig
 from serve_app.errors import InputError
-from serve_app.files import InputFiles, InputImage, OutputStore, data_uri
+from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, encode_image
 from serve_app.schemas.common import File, Image, size_of
 from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
 from serve_app.services.dispatch import call_model
@@ -134,7 +134,6 @@ class LoraService:
             strength=strength,
             image=image,
             mask=mask,
-            image_format=body.image_format,
             enable_safety_checker=body.enable_safety_checker,
             debug_latents=body.debug_latents,
             debug_per_pass_latents=body.debug_per_pass_latents,
@@ -145,11 +144,12 @@ class LoraService:
         result: JobResult = await call_model(
             self.model, "generate", job, job.model.key(), self.config.limits.request_timeout_s, request_id
         )
-        return Published(await asyncio.to_thread(self.publish, result, body.sync_mode, base_url), result)
+        return Published(await asyncio.to_thread(self.publish, result, body.image_format, body.sync_mode, base_url), result)
 
-    def publish(self, result: JobResult, sync_mode: bool, base_url: str) -> LoraOutput:
+    def publish(self, result: JobResult, image_format: str, sync_mode: bool, base_url: str) -> LoraOutput:
         images = []
-        for encoded in result.images:
+        for pixels in result.images:
+            encoded = encode_image(pixels, image_format)
             if sync_mode:
                 url, name = data_uri(encoded.data, encoded.content_type), None
             else:
