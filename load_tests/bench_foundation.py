@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -61,7 +62,7 @@ def bare_call(pipe, args, n: int, seed: int) -> None:
     )
     if args.bare_encodes:
         for image in out.images:
-            encode_image(np.asarray(image), "png")
+            encode_image(np.asarray(image), args.format)
 
 
 def measure_bare_batch(pipe, args) -> dict:
@@ -81,28 +82,36 @@ def stack_body(args, seed: int) -> dict:
         "num_inference_steps": args.steps,
         "guidance_scale": 7.5,
         "seed": seed,
-        "image_format": "png",
+        "image_format": args.format,
     }
 
 
-def post(client: httpx.Client, args, seed: int) -> tuple[float, int]:
+def post(client: httpx.Client, args, seed: int, timings: list | None = None) -> tuple[float, int]:
     started = time.perf_counter()
     response = client.post("/fal-ai/lora", json=stack_body(args, seed))
     response.raise_for_status()
-    return time.perf_counter() - started, int(response.headers["x-diffusion-serve-batch-size"])
+    elapsed = time.perf_counter() - started
+    if timings is not None:
+        phases = {k: float(v) for k, v in re.findall(r"(\w+);dur=([\d.]+)", response.headers["server-timing"])}
+        phases["outside_router"] = 1000 * elapsed - phases["input"] - phases["model"] - phases["publish"]
+        phases["router_to_replica"] = phases["model"] - phases["inference"]
+        timings.append(phases)
+    return elapsed, int(response.headers["x-diffusion-serve-batch-size"])
 
 
 def measure_single(pipe, client: httpx.Client, args) -> dict:
     """Bare and stack one request at a time, alternating call by call so drift hits both alike."""
-    bare, stack = [], []
+    bare, stack, timings = [], [], []
     for i in range(args.requests):
         started = time.perf_counter()
         bare_call(pipe, args, 1, i)
         bare.append(time.perf_counter() - started)
-        stack.append(post(client, args, i)[0])
+        stack.append(post(client, args, i, timings)[0])
     return {
         "bare_single": {"p50_ms": 1000 * statistics.median(bare), "p90_ms": 1000 * percentile(bare, 0.9), "images_per_s": len(bare) / sum(bare)},
         "stack_c1": {"p50_ms": 1000 * statistics.median(stack), "p90_ms": 1000 * percentile(stack, 0.9), "images_per_s": len(stack) / sum(stack)},
+        "paired_overhead_ms": [1000 * (s_ - b_) for s_, b_ in zip(stack, bare)],
+        "stack_c1_phases_ms": {k: statistics.median(t[k] for t in timings) for k in timings[0]},
     }
 
 
@@ -147,12 +156,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--requests", type=int, default=16, help="requests per measurement per round")
+    parser.add_argument("--requests", type=int, default=20, help="requests per measurement per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads, bare and replica alike")
     parser.add_argument("--max-wait-ms", type=float, default=50.0)
     parser.add_argument("--no-batching", action="store_true")
-    parser.add_argument("--bare-encodes", action="store_true", help="charge PNG encoding to the bare pipeline too")
+    parser.add_argument("--format", choices=["jpeg", "png"], default="jpeg", help="output format (the seed sample's is jpeg)")
+    parser.add_argument("--bare-encodes", action="store_true", help="charge image encoding to the bare pipeline too")
     parser.add_argument("--out", type=Path, default=Path("bench_results/foundation.json"))
     args = parser.parse_args()
 
@@ -172,7 +182,8 @@ def main() -> None:
                 "stack_c8": measure_stack_concurrent(client, args, 8),
             }
             rounds.append(result)
-            print(f"round {r + 1}: " + json.dumps({k: {m: round(v, 2) for m, v in d.items()} for k, d in result.items()}), file=sys.stderr)
+            shown = {k: {m: round(v, 2) for m, v in d.items()} for k, d in result.items() if isinstance(d, dict) and k != "stack_c1_phases_ms"}
+            print(f"round {r + 1}: " + json.dumps(shown), file=sys.stderr)
 
     def med(key: str, metric: str) -> float:
         return statistics.median(r[key][metric] for r in rounds)
@@ -181,7 +192,10 @@ def main() -> None:
         "config": {**vars(args), "out": str(args.out), "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "bare_single_p50_ms": med("bare_single", "p50_ms"),
         "stack_c1_p50_ms": med("stack_c1", "p50_ms"),
-        "stack_c1_overhead_ms": statistics.median(r["stack_c1"]["p50_ms"] - r["bare_single"]["p50_ms"] for r in rounds),
+        # Median over every (stack call - the bare call just before it) pair of every round.
+        "stack_c1_overhead_ms": statistics.median(d for r in rounds for d in r["paired_overhead_ms"]),
+        "stack_c1_overhead_ms_per_round": [statistics.median(r["paired_overhead_ms"]) for r in rounds],
+        "stack_c1_phases_ms": {k: statistics.median(r["stack_c1_phases_ms"][k] for r in rounds) for k in rounds[0]["stack_c1_phases_ms"]},
         "bare_single_images_per_s": med("bare_single", "images_per_s"),
         "bare_batch8_images_per_s": med("bare_batch8", "images_per_s"),
         "stack_c8_images_per_s": med("stack_c8", "images_per_s"),

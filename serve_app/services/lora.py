@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ IC_LIGHT = ("ic_light_model_url", "ic_light_model_background_image_url", "ic_lig
 class Published:
     output: LoraOutput
     result: JobResult
+    phases_ms: dict[str, float]  # where the router's time went, for the Server-Timing header
 
 
 def _round_to_8(image: InputImage) -> np.ndarray:
@@ -140,11 +142,17 @@ class LoraService:
         )
 
     async def run(self, mode: Mode, body: LoraInput, base_url: str, request_id: str) -> Published:
+        t0 = time.perf_counter()
         job = await self.job(mode, body, base_url, request_id)
+        t1 = time.perf_counter()
         result: JobResult = await call_model(
             self.model, "generate", job, job.model.key(), self.config.limits.request_timeout_s, request_id
         )
-        return Published(await asyncio.to_thread(self.publish, result, body.image_format, body.sync_mode, base_url), result)
+        t2 = time.perf_counter()
+        output = await asyncio.to_thread(self.publish, result, body.image_format, body.sync_mode, base_url)
+        t3 = time.perf_counter()
+        phases = {"input": t1 - t0, "model": t2 - t1, "inference": result.inference_time_s, "publish": t3 - t2}
+        return Published(output, result, {k: 1000 * v for k, v in phases.items()})
 
     def publish(self, result: JobResult, image_format: str, sync_mode: bool, base_url: str) -> LoraOutput:
         images = []
