@@ -184,6 +184,7 @@ class StableDiffusion:
             return await asyncio.to_thread(load_sd_model, resolved, self.device, self.dtype)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.config.max_models_per_replica)(load)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         logger.info("StableDiffusion replica on %s (%s), profile %s", self.device, self.dtype, self.config.profile)
 
     def _run_batch(self, items: list[tuple[SDModel, ImageJob]]) -> list[JobResult]:
@@ -194,7 +195,9 @@ class StableDiffusion:
 
     async def generate(self, job: ImageJob) -> JobResult:
         model = await self.get_model(job.model.key())
-        return await self.batcher.submit(job.batch_key(), (model, job), job.cost(), job.num_images)
+        result = await self.batcher.submit(job.batch_key(), (model, job), job.cost(), job.num_images)
+        result.replica = self.replica_id
+        return result
 
     async def check_health(self) -> None:
         """Serve's health probe: the event loop answers, so batching is not stalled."""

@@ -28,6 +28,7 @@ logger = logging.getLogger("diffusion_serve.router")
 REQUEST_ID_HEADER = "x-fal-request-id"
 BATCH_SIZE_HEADER = "x-diffusion-serve-batch-size"
 INFERENCE_TIME_HEADER = "x-diffusion-serve-inference-ms"
+REPLICA_HEADER = "x-diffusion-serve-replica"
 
 VALIDATION_RESPONSE = {422: {"description": "Validation error: `{detail: [{loc, msg, type}]}`"}}
 
@@ -87,6 +88,7 @@ def _respond(published: Published) -> JSONResponse:
     headers = {
         BATCH_SIZE_HEADER: str(published.result.batch_size),
         INFERENCE_TIME_HEADER: f"{published.result.inference_time_s * 1000:.1f}",
+        REPLICA_HEADER: published.result.replica,
         "Server-Timing": ", ".join(f"{name};dur={ms:.1f}" for name, ms in published.phases_ms.items()),
     }
     return JSONResponse(published.output.model_dump(mode="json"), headers=headers)

@@ -147,3 +147,20 @@ def test_adapter_lists_are_refused_not_ignored_until_served(http):
 
 def test_the_replica_keeps_serving_after_bad_inputs(http):
     assert http.post("/fal-ai/lora", json=small()).status_code == 200
+
+
+def test_image_url_with_nothing_listening(http):
+    from tests.conftest import IMAGE_HOST, free_port
+
+    url = f"http://{IMAGE_HOST}:{free_port(IMAGE_HOST)}/x.png"
+    hit = assert_422(http.post("/fal-ai/lora/image-to-image", json=i2i(image_url=url)), ["body", "image_url"])
+    assert hit["type"] == "url_unreachable"
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [("get", "/no-such-route"), ("get", "/files/AAAAAAAAAAAAAAAAAAAAAA.png"), ("get", "/fal-ai/lora"), ("get", "/health")],
+)
+def test_every_response_carries_a_request_id(http, method, path):
+    response = getattr(http, method)(path)
+    assert response.headers.get("x-fal-request-id"), (path, response.status_code)

@@ -133,3 +133,4 @@ class JobResult:
     debug_per_pass_latents: bytes | None = None
     batch_size: int = 1  # jobs that shared the pipeline call
     inference_time_s: float = 0.0
+    replica: str = ""  # which replica served it (for operators, and for tests of routing)
