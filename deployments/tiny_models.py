@@ -120,7 +120,8 @@ def _vae():
     )
 
 
-def _sd15_unet(seed: int):
+def _unet(seed: int, **architecture):
+    """A UNet at toy width; attention only at 1/4 latent resolution keeps 1024x1024 affordable."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -131,28 +132,20 @@ def _sd15_unet(seed: int):
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        # Attention only at 1/4 latent resolution keeps 1024x1024 images affordable on a CPU.
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
         norm_num_groups=8,
+        **architecture,
     )
 
 
-def _sdxl_unet(seed: int):
-    import torch
-    from diffusers import UNet2DConditionModel
+def _sd15_unet(seed: int):
+    return _unet(seed, cross_attention_dim=32, attention_head_dim=4)
 
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(16, 16, 32),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+
+def _sdxl_unet(seed: int):
+    return _unet(
+        seed,
         attention_head_dim=(2, 2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -160,7 +153,6 @@ def _sdxl_unet(seed: int):
         transformer_layers_per_block=(1, 1, 2),
         projection_class_embeddings_input_dim=80,  # 6 * 8 + text_encoder_2 projection (32)
         cross_attention_dim=64,  # text_encoder (32) + text_encoder_2 (32)
-        norm_num_groups=8,
     )
 
 

@@ -1,0 +1,40 @@
+"""The Serve configs operators run are valid for Ray and build the application they describe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.app import build_app
+from serve_app.config import AppConfig
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+
+
+@pytest.mark.parametrize("name, profile", [("demo.yaml", "demo"), ("production.yaml", "production")])
+def test_serve_config_is_valid_and_builds(name, profile):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((CLUSTER / name).read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "serve_app.app:build_app" and app.route_prefix == "/"
+    config = AppConfig.from_args(app.args)
+    assert config.profile == profile
+    assert {d.name for d in app.deployments} == {"Router", "StableDiffusion"}
+    build_app(app.args)  # the same call `serve run` makes
+
+
+def test_demo_asks_for_no_gpu_and_production_for_one_each():
+    demo = yaml.safe_load((CLUSTER / "demo.yaml").read_text())["applications"][0]["deployments"]
+    prod = yaml.safe_load((CLUSTER / "production.yaml").read_text())["applications"][0]["deployments"]
+    gpus = lambda deployments: {d["name"]: d.get("ray_actor_options", {}).get("num_gpus", 0) for d in deployments}  # noqa: E731
+    assert gpus(demo)["StableDiffusion"] == 0
+    assert gpus(prod)["StableDiffusion"] == 1
+    sd = next(d for d in prod if d["name"] == "StableDiffusion")
+    assert sd["max_ongoing_requests"] > sd["autoscaling_config"]["target_ongoing_requests"]
+
+
+def test_unknown_settings_are_rejected():
+    with pytest.raises(ValueError):
+        AppConfig.from_args({"profile": "demo", "batchng": {}})
