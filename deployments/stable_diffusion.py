@@ -29,6 +29,7 @@ from deployments.common.schedulers import (
     scheduler_label,
     unsupported_schedule_argument,
 )
+from deployments.common.weights_cache import WeightsCache
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("diffusion_serve.stable_diffusion")
@@ -169,7 +170,9 @@ class StableDiffusion:
         self.device, self.dtype = select_device(self.config.device.cuda_dtype)
         if self.device.type == "cpu" and self.config.device.cpu_threads:
             torch.set_num_threads(self.config.device.cpu_threads)
-        self.registry = ModelRegistry(self.config)
+        w = self.config.weights
+        weights = WeightsCache(w.cache_dir, self.config.network, w.max_cache_bytes, w.max_file_bytes, w.download_timeout_s, w.allow_pickle)
+        self.registry = ModelRegistry(self.config, weights)
         self.safety = SafetyChecker(self.config.safety_checker_source(), self.device, self.dtype)
         b = self.config.batching
         limits = BatchLimits(
@@ -180,7 +183,7 @@ class StableDiffusion:
         self.batcher: KeyedBatcher[tuple[SDModel, ImageJob], JobResult] = KeyedBatcher(self._run_batch, limits)
 
         async def load(model_id: str) -> SDModel:
-            resolved = self.registry.resolve(ModelRef.from_key(model_id))
+            resolved = await self.registry.resolve(ModelRef.from_key(model_id))
             return await asyncio.to_thread(load_sd_model, resolved, self.device, self.dtype)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.config.max_models_per_replica)(load)

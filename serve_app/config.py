@@ -80,6 +80,16 @@ class FileStoreSettings(_Frozen):
         return self
 
 
+class WeightsSettings(_Frozen):
+    """Weights downloaded by URL (single-file checkpoints, adapters): node-local, validated cache."""
+
+    cache_dir: Path = Path("~/.cache/diffusion-serve/weights").expanduser()
+    max_cache_bytes: int = Field(200 * 1024**3, description="LRU budget of the cache on each node")
+    max_file_bytes: int = Field(16 * 1024**3, description="largest single weights file accepted")
+    download_timeout_s: float = 3600.0
+    allow_pickle: bool = Field(False, description="load pickled .ckpt/.bin/.pt files (runs their code!)")
+
+
 class DeviceSettings(_Frozen):
     """Precision on CUDA (CPU always runs float32), and CPU threads."""
 
@@ -107,7 +117,7 @@ class AppConfig(BaseSettings):
         default_factory=NetworkPolicy, description="which addresses user URLs may reach: public ones only, unless listed"
     )
     device: DeviceSettings = DeviceSettings()
-    model_cache_dir: Path | None = Field(None, description="where URL checkpoints are cached; default HF cache")
+    weights: WeightsSettings = WeightsSettings()
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:

@@ -44,9 +44,12 @@ Two limits of that mechanism:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import httpx
 import pydantic
@@ -159,6 +162,16 @@ async def resolve_and_check(
     return addresses
 
 
+@dataclass(frozen=True)
+class FetchInfo:
+    """What `fetch_into` learned while streaming: type, final URL, size and sha256 of the body."""
+
+    content_type: str | None
+    final_url: str
+    size: int
+    sha256: str
+
+
 async def fetch(
     url: str,
     policy: NetworkPolicy,
@@ -170,31 +183,48 @@ async def fetch(
     Raises ``UrlFetchError`` for every failure; its message never contains
     the URL's credentials, query string or fragment.
     """
+    sink = io.BytesIO()
+    info = await fetch_into(url, policy, max_bytes, sink, client=client)
+    return Fetched(content=sink.getvalue(), content_type=info.content_type, final_url=info.final_url)
+
+
+async def fetch_into(
+    url: str,
+    policy: NetworkPolicy,
+    max_bytes: int,
+    sink: BinaryIO,
+    client: httpx.AsyncClient | None = None,
+    timeout_s: float | None = None,
+) -> FetchInfo:
+    """Like `fetch`, but stream the body into ``sink`` (a file for multi-GB weights).
+
+    ``timeout_s`` (default ``policy.timeout_s``) bounds the whole transfer. On failure the sink may
+    hold a partial body: callers write to a temporary file and discard it.
+    """
     shown = _redact_str(url)
+    limit = policy.timeout_s if timeout_s is None else timeout_s
     try:
-        return await asyncio.wait_for(
-            _fetch(url, policy, max_bytes, client), timeout=policy.timeout_s
-        )
+        return await asyncio.wait_for(_fetch(url, policy, max_bytes, sink, client), timeout=limit)
     except asyncio.TimeoutError:
         raise UrlFetchError(
-            f"Fetching {shown} took longer than {policy.timeout_s:g} s. Make sure the "
+            f"Fetching {shown} took longer than {limit:g} s. Make sure the "
             "URL responds quickly, or host the file somewhere faster.",
             "url_timeout",
         ) from None
 
 
 async def _fetch(
-    url: str, policy: NetworkPolicy, max_bytes: int, client: httpx.AsyncClient | None
-) -> Fetched:
+    url: str, policy: NetworkPolicy, max_bytes: int, sink: BinaryIO, client: httpx.AsyncClient | None
+) -> FetchInfo:
     if client is not None:
-        return await _follow_redirects(url, policy, max_bytes, client)
+        return await _follow_redirects(url, policy, max_bytes, sink, client)
     async with _new_client(policy) as own_client:
-        return await _follow_redirects(url, policy, max_bytes, own_client)
+        return await _follow_redirects(url, policy, max_bytes, sink, own_client)
 
 
 async def _follow_redirects(
-    url: str, policy: NetworkPolicy, max_bytes: int, client: httpx.AsyncClient
-) -> Fetched:
+    url: str, policy: NetworkPolicy, max_bytes: int, sink: BinaryIO, client: httpx.AsyncClient
+) -> FetchInfo:
     """Fetch hop by hop, resolving and checking the host of every hop."""
     current = _parse_url(url)
     for _hop in range(policy.max_redirects + 1):
@@ -205,7 +235,7 @@ async def _follow_redirects(
         )
         try:
             outcome = await _send_once(
-                client, _pinned_request(current, addresses[0], policy), current, max_bytes
+                client, _pinned_request(current, addresses[0], policy), current, max_bytes, sink
             )
         except httpx.TimeoutException:
             raise UrlFetchError(
@@ -219,7 +249,7 @@ async def _follow_redirects(
                 "publicly reachable over HTTP(S) with a valid certificate.",
                 "url_unreachable",
             ) from None
-        if isinstance(outcome, Fetched):
+        if isinstance(outcome, FetchInfo):
             return outcome
         current = outcome
     raise UrlFetchError(
@@ -230,8 +260,8 @@ async def _follow_redirects(
 
 
 async def _send_once(
-    client: httpx.AsyncClient, request_kwargs: dict, url: httpx.URL, max_bytes: int
-) -> Fetched | httpx.URL:
+    client: httpx.AsyncClient, request_kwargs: dict, url: httpx.URL, max_bytes: int, sink: BinaryIO
+) -> FetchInfo | httpx.URL:
     """Send one request; return the body, or the next URL if this was a redirect."""
     shown = _redact(url)
     request = client.build_request("GET", **request_kwargs)
@@ -260,16 +290,20 @@ async def _send_once(
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise too_large
-        body = bytearray()
+        size = 0
+        digest = hashlib.sha256()
         # aiter_bytes counts *decoded* bytes, so a gzip bomb is cut off too.
         async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > max_bytes:
+            size += len(chunk)
+            if size > max_bytes:
                 raise too_large
-        return Fetched(
-            content=bytes(body),
+            digest.update(chunk)
+            sink.write(chunk)
+        return FetchInfo(
             content_type=response.headers.get("content-type"),
             final_url=str(url.copy_with(userinfo=b"")),
+            size=size,
+            sha256=digest.hexdigest(),
         )
     finally:
         await response.aclose()

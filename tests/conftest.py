@@ -8,6 +8,7 @@ over HTTPS with a certificate from a CA made here, as fal's clients only speak h
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import datetime
 import ipaddress
@@ -111,10 +112,12 @@ class ImageServer:
 
     def __init__(self) -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
-        files = self.files
+        self.hits: collections.Counter[str] = collections.Counter()
+        files, hits = self.files, self.hits
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
+                hits[self.path] += 1
                 if self.path not in files:
                     self.send_response(404)
                     self.end_headers()

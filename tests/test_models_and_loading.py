@@ -62,9 +62,9 @@ def offline_hub(tmp_path, monkeypatch):
     return cache
 
 
-def test_production_profile_loads_a_hub_id_through_huggingface_hub(offline_hub):
+async def test_production_profile_loads_a_hub_id_through_huggingface_hub(offline_hub):
     registry = ModelRegistry(AppConfig(profile="production"))
-    resolved = registry.resolve(ModelRef("test-org/tiny-sdxl"))
+    resolved = await registry.resolve(ModelRef("test-org/tiny-sdxl"))
     # No "xl" hint needed from the request: the architecture comes from the repo's model_index.json.
     assert resolved.architecture == "sdxl" and not resolved.base.stand_in
     device, dtype = select_device()
@@ -73,30 +73,30 @@ def test_production_profile_loads_a_hub_id_through_huggingface_hub(offline_hub):
     assert result.images[0].shape == (64, 64, 3)
 
 
-def test_production_profile_names_a_missing_hub_model(offline_hub):
+async def test_production_profile_names_a_missing_hub_model(offline_hub):
     registry = ModelRegistry(AppConfig(profile="production"))
     with pytest.raises(JobInputError) as err:
-        registry.resolve(ModelRef("test-org/does-not-exist"))
+        await registry.resolve(ModelRef("test-org/does-not-exist"))
     assert err.value.field == ("model_name",) and "test-org/does-not-exist" in err.value.msg
 
 
-def test_aliases_and_local_paths(tmp_path):
+async def test_aliases_and_local_paths(tmp_path):
     local = str(ensure_tiny_model("sd15"))
     config = AppConfig(profile="production", models={"house-style": {"source": local}})
     registry = ModelRegistry(config)
-    by_alias = registry.resolve(ModelRef("house-style"))
+    by_alias = await registry.resolve(ModelRef("house-style"))
     assert by_alias.base.location == local and by_alias.architecture == "sd"
-    assert registry.resolve(ModelRef(local)).base.kind == "pretrained"
+    assert (await registry.resolve(ModelRef(local))).base.kind == "pretrained"
     with pytest.raises(JobInputError):
-        registry.resolve(ModelRef(str(tmp_path / "nothing-here")))
+        await registry.resolve(ModelRef(str(tmp_path / "nothing-here")))
 
 
-def test_demo_profile_guesses_architecture_from_the_name():
+async def test_demo_profile_guesses_architecture_from_the_name():
     registry = ModelRegistry(AppConfig(profile="demo"))
-    assert registry.resolve(ModelRef("stabilityai/stable-diffusion-xl-base-1.0")).architecture == "sdxl"
-    assert registry.resolve(ModelRef("runwayml/stable-diffusion-v1-5")).architecture == "sd"
-    assert registry.resolve(ModelRef("SG161222/Realistic_Vision_V2.0", architecture="sdxl")).architecture == "sdxl"
-    assert registry.resolve(ModelRef("https://example.com/ckpt/juggernautXL.safetensors")).architecture == "sdxl"
+    assert (await registry.resolve(ModelRef("stabilityai/stable-diffusion-xl-base-1.0"))).architecture == "sdxl"
+    assert (await registry.resolve(ModelRef("runwayml/stable-diffusion-v1-5"))).architecture == "sd"
+    assert (await registry.resolve(ModelRef("SG161222/Realistic_Vision_V2.0", architecture="sdxl"))).architecture == "sdxl"
+    assert (await registry.resolve(ModelRef("https://example.com/ckpt/juggernautXL.safetensors"))).architecture == "sdxl"
 
 
 def test_tiled_decode_matches_the_whole_decode_closely():
@@ -110,3 +110,26 @@ def test_tiled_decode_matches_the_whole_decode_closely():
     # Tiles see less context at their borders; blending keeps the result close, not identical.
     assert not torch.equal(tiled, whole)
     assert (tiled - whole).abs().mean() < 0.1 * whole.abs().mean() + 0.05
+
+
+async def test_production_profile_downloads_url_checkpoints_once_and_hands_them_to_from_single_file(tmp_path, image_server):
+    """The download path is real; the tiny stand-in is not in the original (LDM) single-file layout,
+    so diffusers' converter rejects it, and that must reach the user as a 422 naming the model."""
+    from safetensors.torch import save
+
+    from deployments.common.weights_cache import WeightsCache
+    from serve_app.url_guard import NetworkPolicy
+    from tests.conftest import IMAGE_HOST
+
+    url = image_server.add("/ckpt/tiny-sd15.safetensors", save({"w": torch.zeros(4)}), "application/octet-stream")
+    config = AppConfig(profile="production", network={"allowed_networks": [f"{IMAGE_HOST}/32"]})
+    cache = WeightsCache(tmp_path, NetworkPolicy(allowed_networks=[f"{IMAGE_HOST}/32"]), 10**8, 10**7)
+    registry = ModelRegistry(config, cache)
+    resolved = await registry.resolve(ModelRef(url, architecture="sd"))
+    assert resolved.base.kind == "single_file" and resolved.base.location.startswith(str(tmp_path))
+    await registry.resolve(ModelRef(url, architecture="sd"))
+    assert image_server.hits["/ckpt/tiny-sd15.safetensors"] == 1
+    device, dtype = select_device()
+    with pytest.raises(JobInputError) as err:
+        load_sd_model(resolved, device, dtype)
+    assert err.value.field == ("model_name",) and url in err.value.msg

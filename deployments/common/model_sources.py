@@ -1,7 +1,8 @@
 """Where a `model_name` (or `unet_name`) comes from: the model registry.
 
 A name is, in order: an operator alias; a local path (a diffusers directory or a single
-`.safetensors` file); an http(s) URL of a single-file checkpoint; or a Hugging Face repo id.
+`.safetensors` file); an http(s) URL of a single-file checkpoint (downloaded once per node through
+the validated weights cache); or a Hugging Face repo id.
 The demo profile serves every non-local name with a tiny random-weight stand-in of the matching
 architecture and says so loudly in the logs; the production profile fetches the real weights.
 
@@ -11,6 +12,7 @@ model's own files (`model_index.json`), else whether "xl" appears in the name.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from deployments.common.jobs import JobInputError, ModelRef
+from deployments.common.weights_cache import WeightsCache
 from deployments.tiny_models import ensure_tiny_model
 from serve_app.config import AppConfig
 
@@ -77,19 +80,23 @@ def _local_path(name: str) -> Path | None:
 class ModelRegistry:
     """Resolves model references for one replica; downloads only in the production profile."""
 
-    def __init__(self, config: AppConfig, url_downloader=None) -> None:
+    def __init__(self, config: AppConfig, weights: WeightsCache | None = None) -> None:
         self.config = config
-        # url_downloader(url, field) -> Path of a verified local .safetensors file (production).
-        self._download_url = url_downloader
+        self.weights = weights
 
-    def resolve(self, ref: ModelRef) -> ResolvedModel:
+    async def _download(self, url: str, field: tuple[str, ...]) -> Path:
+        if self.weights is None:
+            raise JobInputError(field, "URL checkpoints are not enabled on this server", "model_load_error")
+        return await self.weights.fetch(url, field)
+
+    async def resolve(self, ref: ModelRef) -> ResolvedModel:
         name, variant, declared = ref.model_name, ref.variant, ref.architecture
         alias = self.config.models.get(name)
         if alias is not None:
             name = alias.source
             variant = variant or alias.variant
             declared = declared or alias.architecture
-        base, detected = self._base_source(name, variant, declared)
+        base, detected = await self._base_source(name, variant, declared)
         architecture: Architecture = declared or detected or _guess_from_name(ref.model_name if alias is None else name)
         if base.stand_in:
             base = WeightsSource(str(ensure_tiny_model("sdxl" if architecture == "sdxl" else "sd15")), "pretrained", variant, True)
@@ -98,10 +105,10 @@ class ModelRegistry:
                 "Images are noise, not %r. Use the production profile for real weights.",
                 ref.model_name, architecture.upper(), base.location, ref.model_name,
             )
-        unet = self._unet_source(ref.unet_name, architecture, variant) if ref.unet_name else None
+        unet = await self._unet_source(ref.unet_name, architecture, variant) if ref.unet_name else None
         return ResolvedModel(ref, architecture, base, unet)
 
-    def _base_source(
+    async def _base_source(
         self, name: str, variant: str | None, declared: Architecture | None
     ) -> tuple[WeightsSource, Architecture | None]:
         local = _local_path(name)
@@ -122,11 +129,9 @@ class ModelRegistry:
         if self.config.is_demo:
             return WeightsSource(name, "pretrained", variant, stand_in=True), None
         if _is_url(name):
-            if self._download_url is None:
-                raise JobInputError(("model_name",), "URL checkpoints are not enabled on this server", "model_load_error")
-            path = self._download_url(name, ("model_name",))
+            path = await self._download(name, ("model_name",))
             return WeightsSource(str(path), "single_file", variant), None
-        return WeightsSource(name, "pretrained", variant), declared or self._hub_architecture(name)
+        return WeightsSource(name, "pretrained", variant), declared or await asyncio.to_thread(self._hub_architecture, name)
 
     def _hub_architecture(self, repo_id: str) -> Architecture | None:
         """Read the repo's model_index.json through huggingface_hub (cached like the weights)."""
@@ -143,7 +148,7 @@ class ModelRegistry:
             ) from None
         return _architecture_from_class(_model_index_class(Path(path).parent))
 
-    def _unet_source(self, unet_name: str, architecture: Architecture, variant: str | None) -> WeightsSource:
+    async def _unet_source(self, unet_name: str, architecture: Architecture, variant: str | None) -> WeightsSource:
         local = _local_path(unet_name)
         if local is not None:
             kind = "pretrained" if local.is_dir() else "single_file"
@@ -153,9 +158,7 @@ class ModelRegistry:
             logger.warning("DEMO PROFILE: unet %r is served by a tiny random-weight stand-in at %s", unet_name, path)
             return WeightsSource(str(path), "pretrained", variant, stand_in=True)
         if _is_url(unet_name):
-            if self._download_url is None:
-                raise JobInputError(("unet_name",), "URL checkpoints are not enabled on this server", "model_load_error")
-            return WeightsSource(str(self._download_url(unet_name, ("unet_name",))), "single_file", variant)
+            return WeightsSource(str(await self._download(unet_name, ("unet_name",))), "single_file", variant)
         if HF_REPO_ID.match(unet_name):
             return WeightsSource(unet_name, "pretrained", variant)
         raise JobInputError(("unet_name",), f"{unet_name!r} is neither a local path, a URL nor a Hugging Face id", "model_load_error")

@@ -1,0 +1,208 @@
+"""Downloaded weights on node-local disk: fetched once, validated, content-addressed, LRU by bytes.
+
+Every weights file a user names by URL (a single-file checkpoint now, LoRAs and other adapters
+next) comes through here:
+
+- fetched through the SSRF guard, streamed to a temporary file under a size cap;
+- validated before anything loads it: a safetensors header that parses and whose tensors lie
+  inside the file; pickled formats (`.ckpt`, `.bin`, `.pt`: zip or raw pickle) are refused unless
+  the operator opts in, because unpickling runs arbitrary code;
+- stored under its sha256, so two URLs of the same bytes share one file;
+- evicted least-recently-used once the cache exceeds its byte budget;
+- fetched once even when many requests ask for the same URL at the same moment.
+
+The URL -> digest index is kept in `index.json` beside the files, so a restarted replica on the
+same node finds what earlier ones downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from deployments.common.jobs import JobInputError
+from serve_app.url_guard import NetworkPolicy, UrlFetchError, fetch_into
+
+logger = logging.getLogger("diffusion_serve.weights")
+
+SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16", "U32", "U64"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class WeightsFormatError(ValueError):
+    """The file is not weights we are willing to load; the message says why and what to do."""
+
+    def __init__(self, msg: str, type: str) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.type = type
+
+
+def validate_weights_file(path: Path, allow_pickle: bool = False) -> str:
+    """Return the format ("safetensors" or "pickle") or raise WeightsFormatError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)):
+            if allow_pickle:
+                return "pickle"
+            raise WeightsFormatError(
+                "this is a pickled checkpoint (.ckpt/.bin/.pt); loading it could run arbitrary code, so this "
+                "server only loads .safetensors. Convert it to safetensors, or ask the operator to allow pickles",
+                "weights_pickled",
+            )
+        if len(head) < 8:
+            raise WeightsFormatError("the file is too short to be a safetensors file", "weights_invalid")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise WeightsFormatError("the file is not a safetensors file (its header length is impossible)", "weights_invalid")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise WeightsFormatError("the file is not a safetensors file (its header is not JSON)", "weights_invalid") from None
+    if not isinstance(header, dict):
+        raise WeightsFormatError("the file is not a safetensors file (its header is not a table)", "weights_invalid")
+    data_bytes = size - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or entry.get("dtype") not in SAFETENSORS_DTYPES
+            or not (0 <= offsets[0] <= offsets[1] <= data_bytes)
+        ):
+            raise WeightsFormatError(f"the safetensors file is damaged (tensor {name!r} lies outside the file)", "weights_invalid")
+    return "safetensors"
+
+
+@dataclass
+class _Entry:
+    digest: str
+    suffix: str
+    size: int
+    used: float
+
+
+class WeightsCache:
+    def __init__(
+        self,
+        directory: Path,
+        policy: NetworkPolicy,
+        max_cache_bytes: int,
+        max_file_bytes: int,
+        download_timeout_s: float = 3600.0,
+        allow_pickle: bool = False,
+    ) -> None:
+        self.directory = Path(directory).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.policy = policy
+        self.max_cache_bytes = max_cache_bytes
+        self.max_file_bytes = max_file_bytes
+        self.download_timeout_s = download_timeout_s
+        self.allow_pickle = allow_pickle
+        self._index_path = self.directory / "index.json"
+        self._urls: dict[str, _Entry] = self._load_index()
+        self._inflight: dict[str, asyncio.Future[Path]] = {}
+        self.downloads = 0  # completed downloads, for metrics and tests
+
+    # --- index ---------------------------------------------------------------------------
+
+    def _load_index(self) -> dict[str, _Entry]:
+        try:
+            raw = json.loads(self._index_path.read_text())
+            return {url: _Entry(**entry) for url, entry in raw.items()}
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return {}
+
+    def _save_index(self) -> None:
+        tmp = self._index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({url: vars(e) for url, e in self._urls.items()}))
+        tmp.replace(self._index_path)
+
+    def _path(self, entry: _Entry) -> Path:
+        return self.directory / f"{entry.digest}{entry.suffix}"
+
+    def cached(self, url: str) -> Path | None:
+        entry = self._urls.get(url)
+        if entry is None or not self._path(entry).exists():
+            return None
+        entry.used = time.time()
+        return self._path(entry)
+
+    # --- fetching ------------------------------------------------------------------------
+
+    async def fetch(self, url: str, field: tuple[str | int, ...]) -> Path:
+        """The local path of `url`'s validated weights; concurrent callers share one download."""
+        path = self.cached(url)
+        if path is not None:
+            return path
+        if url in self._inflight:
+            return await asyncio.shield(self._inflight[url])
+        future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._inflight[url] = future
+        try:
+            path = await self._download(url, field)
+            future.set_result(path)
+            return path
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[url]
+
+    async def _download(self, url: str, field: tuple[str | int, ...]) -> Path:
+        fd, tmp_name = tempfile.mkstemp(prefix=".download-", dir=self.directory)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                info = await fetch_into(url, self.policy, self.max_file_bytes, sink, timeout_s=self.download_timeout_s)
+            kind = await asyncio.to_thread(validate_weights_file, tmp, self.allow_pickle)
+        except UrlFetchError as exc:
+            tmp.unlink(missing_ok=True)
+            raise JobInputError(field, exc.msg, exc.type) from None
+        except WeightsFormatError as exc:
+            tmp.unlink(missing_ok=True)
+            raise JobInputError(field, f"{url.split('?')[0]}: {exc.msg}", exc.type) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        entry = _Entry(info.sha256, ".safetensors" if kind == "safetensors" else ".pickle", info.size, time.time())
+        target = self._path(entry)
+        if target.exists():
+            tmp.unlink()
+        else:
+            tmp.rename(target)
+        self._urls[url] = entry
+        self.downloads += 1
+        self._evict(keep=entry.digest)
+        self._save_index()
+        logger.info("fetched %s (%d bytes, sha256 %s)", url.split("?")[0], info.size, info.sha256[:12])
+        return target
+
+    def _evict(self, keep: str) -> None:
+        """Drop least-recently-used files until the cache fits its budget (never the newest)."""
+        by_digest: dict[str, _Entry] = {}
+        for entry in self._urls.values():
+            current = by_digest.get(entry.digest)
+            if current is None or entry.used > current.used:
+                by_digest[entry.digest] = entry
+        total = sum(e.size for e in by_digest.values())
+        for entry in sorted(by_digest.values(), key=lambda e: e.used):
+            if total <= self.max_cache_bytes:
+                break
+            if entry.digest == keep:
+                continue
+            self._path(entry).unlink(missing_ok=True)
+            self._urls = {u: e for u, e in self._urls.items() if e.digest != entry.digest}
+            total -= entry.size
+            logger.info("evicted %s (%d bytes)", entry.digest[:12], entry.size)
