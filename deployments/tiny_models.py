@@ -313,12 +313,100 @@ def build_safety_checker(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+# --- the original single-file (LDM) layout ---------------------------------------------------
+# Civitai-style checkpoints are one .safetensors file in the original Stable Diffusion layout.
+# diffusers only converts that layout *to* its own, so the SD1.5 stand-in is written out in it here
+# (the inverse of diffusers' `convert_ldm_*_checkpoint`), and tests load it back through
+# `from_single_file`, the path production uses for checkpoint URLs.
+
+_UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def _rename(rest: str, pairs) -> str:
+    for new, old in pairs:
+        rest = rest.replace(new, old)
+    return rest
+
+
+def _ldm_unet_key(key: str, config) -> str:
+    """A diffusers UNet2DConditionModel key in the original `model.diffusion_model.` layout."""
+    per_down = config["layers_per_block"] + 1
+    parts = key.split(".")
+    for fixed, ldm in _UNET_FIXED.items():
+        if key.startswith(fixed + "."):
+            return f"{ldm}.{key[len(fixed) + 1:]}"
+    if parts[0] == "down_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":  # down_blocks.b.downsamplers.0.conv.w
+            return f"input_blocks.{(block + 1) * per_down}.0.op.{'.'.join(parts[5:])}"
+        layer, rest = int(parts[3]), ".".join(parts[4:])
+        index = 1 + block * per_down + layer
+        return f"input_blocks.{index}.0.{_rename(rest, _UNET_RESNET)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+    if parts[0] == "mid_block":
+        layer, rest = int(parts[2]), ".".join(parts[3:])
+        return f"middle_block.{2 * layer}.{_rename(rest, _UNET_RESNET)}" if parts[1] == "resnets" else f"middle_block.1.{rest}"
+    if parts[0] == "up_blocks":
+        block, kind = int(parts[1]), parts[2]
+        per_up = config["layers_per_block"] + 1
+        has_attention = "CrossAttn" in config["up_block_types"][block]
+        if kind == "upsamplers":  # up_blocks.b.upsamplers.0.conv.w
+            return f"output_blocks.{block * per_up + per_up - 1}.{2 if has_attention else 1}.conv.{'.'.join(parts[5:])}"
+        layer, rest = int(parts[3]), ".".join(parts[4:])
+        index = block * per_up + layer
+        return f"output_blocks.{index}.0.{_rename(rest, _UNET_RESNET)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+    raise KeyError(f"no LDM name for UNet key {key}")
+
+
+def _ldm_vae_key(key: str, num_blocks: int) -> str:
+    """A diffusers AutoencoderKL key in the original `first_stage_model.` layout."""
+    fixed = {"conv_norm_out": "norm_out"}
+    parts = key.split(".")
+    coder = parts[0]
+    if parts[1] in ("down_blocks", "up_blocks"):
+        block = int(parts[2]) if coder == "encoder" else num_blocks - 1 - int(parts[2])
+        stage = "down" if coder == "encoder" else "up"
+        if parts[3] in ("downsamplers", "upsamplers"):
+            return f"{coder}.{stage}.{block}.{'downsample' if stage == 'down' else 'upsample'}.{'.'.join(parts[5:])}"
+        rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{coder}.{stage}.{block}.block.{parts[4]}.{rest}"
+    if parts[1] == "mid_block":
+        if parts[2] == "resnets":
+            return f"{coder}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}".replace("conv_shortcut", "nin_shortcut")
+        raise KeyError("the stand-in VAE has no mid-block attention")
+    if coder in ("encoder", "decoder") and parts[1] in fixed:
+        return f"{coder}.{fixed[parts[1]]}.{'.'.join(parts[2:])}"
+    return key  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+
+
+def build_sd15_single_file(out: Path) -> None:
+    """The SD1.5 stand-in as one `sd15.safetensors` in the original (LDM/civitai) layout."""
+    from safetensors.torch import load_file, save_file
+
+    source = ensure_tiny_model("sd15")
+    unet_config = json.loads((source / "unet" / "config.json").read_text())
+    vae_blocks = len(json.loads((source / "vae" / "config.json").read_text())["block_out_channels"])
+    checkpoint = {}
+    for key, tensor in load_file(source / "unet" / "diffusion_pytorch_model.safetensors").items():
+        checkpoint[f"model.diffusion_model.{_ldm_unet_key(key, unet_config)}"] = tensor
+    for key, tensor in load_file(source / "vae" / "diffusion_pytorch_model.safetensors").items():
+        checkpoint[f"first_stage_model.{_ldm_vae_key(key, vae_blocks)}"] = tensor
+    for key, tensor in load_file(source / "text_encoder" / "model.safetensors").items():
+        checkpoint[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = tensor
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sorted(checkpoint.items())}, out / "sd15.safetensors")
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
     "sd15-unet-alt": build_sd15_unet_alt,
     "sdxl-unet-alt": build_sdxl_unet_alt,
     "safety-checker": build_safety_checker,
+    "sd15-single-file": build_sd15_single_file,
 }
 
 

@@ -45,16 +45,23 @@ def _job(model: ModelRef, **kw) -> ImageJob:
     return ImageJob(**base)
 
 
+def _add_to_hub(cache, repo_id: str, source) -> None:
+    """Lay `source` out as the cached snapshot of `repo_id`, as huggingface_hub would."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / ("0" * 40), ignore=shutil.ignore_patterns(".complete"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
 @pytest.fixture()
 def offline_hub(tmp_path, monkeypatch):
-    """A Hugging Face cache holding the tiny SDXL model as `test-org/tiny-sdxl`, hub offline."""
+    """A Hugging Face cache, hub offline, holding `test-org/tiny-sdxl` and the SD1.5 configs that
+    diffusers' single-file loader fetches (`stable-diffusion-v1-5/stable-diffusion-v1-5`)."""
     from huggingface_hub import constants
 
     cache = tmp_path / "hub"
-    snapshot = cache / "models--test-org--tiny-sdxl" / "snapshots" / ("0" * 40)
-    shutil.copytree(ensure_tiny_model("sdxl"), snapshot, ignore=shutil.ignore_patterns(".complete"))
-    (cache / "models--test-org--tiny-sdxl" / "refs").mkdir(parents=True)
-    (cache / "models--test-org--tiny-sdxl" / "refs" / "main").write_text("0" * 40)
+    _add_to_hub(cache, "test-org/tiny-sdxl", ensure_tiny_model("sdxl"))
+    _add_to_hub(cache, "stable-diffusion-v1-5/stable-diffusion-v1-5", ensure_tiny_model("sd15"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -112,9 +119,33 @@ def test_tiled_decode_matches_the_whole_decode_closely():
     assert (tiled - whole).abs().mean() < 0.1 * whole.abs().mean() + 0.05
 
 
-async def test_production_profile_downloads_url_checkpoints_once_and_hands_them_to_from_single_file(tmp_path, image_server):
-    """The download path is real; the tiny stand-in is not in the original (LDM) single-file layout,
-    so diffusers' converter rejects it, and that must reach the user as a 422 naming the model."""
+async def test_production_profile_loads_a_single_file_checkpoint_by_url(tmp_path, image_server, offline_hub):
+    """A civitai-style checkpoint URL: downloaded once through the guard into the weights cache,
+    opened with `from_single_file`. Same weights as the diffusers-layout stand-in: same image."""
+    from deployments.common.weights_cache import WeightsCache
+    from serve_app.url_guard import NetworkPolicy
+    from tests.conftest import IMAGE_HOST
+
+    single = ensure_tiny_model("sd15-single-file") / "sd15.safetensors"
+    url = image_server.add("/api/download/models/4242", single.read_bytes(), "application/octet-stream")
+    policy = NetworkPolicy(allowed_networks=[f"{IMAGE_HOST}/32"])
+    config = AppConfig(profile="production", network=policy.model_dump(mode="json"))
+    registry = ModelRegistry(config, WeightsCache(tmp_path / "weights", policy, 10**9, 10**8))
+    resolved = await registry.resolve(ModelRef(url))
+    assert resolved.base.kind == "single_file" and resolved.architecture == "sd"
+    await registry.resolve(ModelRef(url))
+    assert image_server.hits["/api/download/models/4242"] == 1
+
+    device, dtype = select_device()
+    safety = SafetyChecker("tiny:safety-checker", device, dtype)
+    from_file = run_sd_batch(load_sd_model(resolved, device, dtype), [_job(resolved.ref)], safety)[0]
+    local = await registry.resolve(ModelRef(str(ensure_tiny_model("sd15"))))
+    from_dir = run_sd_batch(load_sd_model(local, device, dtype), [_job(local.ref)], safety)[0]
+    assert np.array_equal(from_file.images[0], from_dir.images[0])
+
+
+async def test_a_url_that_is_not_a_checkpoint_is_a_422_naming_the_model(tmp_path, image_server, offline_hub):
+    """Valid safetensors, but no model in it: diffusers' converter rejects it, as a 422 naming it."""
     from safetensors.torch import save
 
     from deployments.common.weights_cache import WeightsCache
