@@ -164,3 +164,12 @@ async def test_a_url_that_is_not_a_checkpoint_is_a_422_naming_the_model(tmp_path
     with pytest.raises(JobInputError) as err:
         load_sd_model(resolved, device, dtype)
     assert err.value.field == ("model_name",) and url in err.value.msg
+
+
+async def test_the_three_modes_share_one_set_of_weights():
+    registry = ModelRegistry(AppConfig(profile="demo"))
+    device, dtype = select_device()
+    model = load_sd_model(await registry.resolve(ModelRef("stabilityai/stable-diffusion-xl-base-1.0")), device, dtype)
+    t2i, i2i, inpaint = (model.pipelines[m] for m in ("text-to-image", "image-to-image", "inpaint"))
+    assert t2i.unet is i2i.unet is inpaint.unet and t2i.vae is i2i.vae is inpaint.vae
+    assert t2i.text_encoder_2 is inpaint.text_encoder_2
