@@ -17,10 +17,11 @@ import torch
 from ray import serve
 
 from deployments.common.batcher import BatchLimits, KeyedBatcher
-from deployments.common.compat import restore_clip_text_model_path
+from deployments.common.compat import sd15_clip_skip_embeddings
 from deployments.common.devices import select_device
 from deployments.common.generation import StepLatents, expand, finish
 from deployments.common.jobs import ImageJob, JobInputError, JobResult, ModelRef, Mode
+from deployments.common.lora import LoadedAdapters, ResolvedLora, resolve_lora_file
 from deployments.common.model_sources import ModelRegistry, ResolvedModel, WeightsSource
 from deployments.common.safety import SafetyChecker
 from deployments.common.schedulers import (
@@ -29,7 +30,7 @@ from deployments.common.schedulers import (
     scheduler_label,
     unsupported_schedule_argument,
 )
-from deployments.common.weights_cache import WeightsCache
+from deployments.common.weights_cache import WeightsCache, content_name
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("diffusion_serve.stable_diffusion")
@@ -42,6 +43,7 @@ class SDModel:
     resolved: ResolvedModel
     pipelines: dict[Mode, Any]
     default_scheduler: Any
+    adapters: LoadedAdapters
 
     @property
     def architecture(self) -> str:
@@ -67,7 +69,7 @@ def _load_error(field: str, what: str, exc: Exception) -> JobInputError:
     return JobInputError((field,), f"{what} could not be loaded: {reason}", "model_load_error")
 
 
-def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dtype) -> SDModel:
+def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dtype, max_loras: int = 32) -> SDModel:
     from diffusers import (
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
@@ -95,7 +97,6 @@ def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dt
         if base.variant and "variant" in str(exc).lower():
             raise _load_error("variant", f"variant {base.variant!r} of {name}", exc) from None
         raise _load_error("model_name", name, exc) from None
-    restore_clip_text_model_path(pipe.text_encoder)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipelines: dict[Mode, Any] = {
@@ -106,22 +107,27 @@ def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dt
     for p in pipelines.values():
         p.set_progress_bar_config(disable=True)
     logger.info("loaded %s (%s) on %s as %s", resolved.ref.model_name, resolved.architecture, device, dtype)
-    return SDModel(resolved, pipelines, pipe.scheduler)
+    return SDModel(resolved, pipelines, pipe.scheduler, LoadedAdapters(pipe, max_loras))
 
 
 def _prompt_kwargs(pipe, job: ImageJob, prompts: list[str], negatives: list[str]) -> dict[str, Any]:
     clip_skip = job.clip_skip or None
     if not job.prompt_weighting:
+        if clip_skip and not hasattr(pipe, "text_encoder_2"):
+            return sd15_clip_skip_embeddings(pipe, prompts, negatives, clip_skip)  # see compat.py
         return {"prompt": prompts, "negative_prompt": negatives, "clip_skip": clip_skip}
     from deployments.common.prompt_weighting import encode_prompts
 
     return encode_prompts(pipe, prompts, negatives, clip_skip=clip_skip, do_classifier_free_guidance=job.guidance_scale > 1)
 
 
-def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker) -> list[JobResult]:
-    """One pipeline call for jobs that share a batch key."""
+def run_sd_batch(
+    model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, loras: list[ResolvedLora] | None = None
+) -> list[JobResult]:
+    """One pipeline call for jobs that share a batch key (and so the same LoRAs and scales)."""
     started = time.monotonic()
     job = jobs[0]
+    model.adapters.activate(loras or [], [("loras", i, "path") for i in range(len(loras or []))])
     pipe = model.pipelines[job.mode]
     choice = SchedulerChoice(job.scheduler, job.prediction_type, job.rescale_betas_snr_zero)
     bad = unsupported_schedule_argument(model.default_scheduler, choice, bool(job.timesteps), bool(job.sigmas))
@@ -180,25 +186,40 @@ class StableDiffusion:
             max_items=b.max_images if b.enabled else 1,
             max_wait_s=b.max_wait_ms / 1000 if b.enabled else 0.0,
         )
-        self.batcher: KeyedBatcher[tuple[SDModel, ImageJob], JobResult] = KeyedBatcher(self._run_batch, limits)
+        self.batcher: KeyedBatcher[tuple[SDModel, ImageJob, list[ResolvedLora]], JobResult] = KeyedBatcher(self._run_batch, limits)
+        self.weights = weights
 
         async def load(model_id: str) -> SDModel:
             resolved = await self.registry.resolve(ModelRef.from_key(model_id))
-            return await asyncio.to_thread(load_sd_model, resolved, self.device, self.dtype)
+            return await asyncio.to_thread(load_sd_model, resolved, self.device, self.dtype, self.config.max_loras_per_model)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.config.max_models_per_replica)(load)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         logger.info("StableDiffusion replica on %s (%s), profile %s", self.device, self.dtype, self.config.profile)
 
-    def _run_batch(self, items: list[tuple[SDModel, ImageJob]]) -> list[JobResult]:
+    def _run_batch(self, items: list[tuple[SDModel, ImageJob, list[ResolvedLora]]]) -> list[JobResult]:
         if self.device.type == "cpu" and self.config.device.cpu_threads:
             # OpenMP thread counts are per calling thread; batches run in worker threads.
             torch.set_num_threads(self.config.device.cpu_threads)
-        return run_sd_batch(items[0][0], [job for _, job in items], self.safety)
+        model, _, loras = items[0]
+        return run_sd_batch(model, [job for _, job, _ in items], self.safety, loras)
+
+    async def _resolve_loras(self, job: ImageJob) -> list[ResolvedLora]:
+        """Local files for the job's LoRAs (fetched once per node), named by content."""
+        files = await asyncio.gather(
+            *(resolve_lora_file(path, ("loras", i, "path"), self.weights) for i, (path, _) in enumerate(job.loras))
+        )
+        merged: dict[str, ResolvedLora] = {}
+        for file, (_, scale) in zip(files, job.loras):
+            name = f"lora_{await asyncio.to_thread(content_name, file)}"
+            previous = merged.get(name)
+            merged[name] = ResolvedLora(name, file, scale + (previous.scale if previous else 0.0))
+        return list(merged.values())
 
     async def generate(self, job: ImageJob) -> JobResult:
         model = await self.get_model(job.model.key())
-        result = await self.batcher.submit(job.batch_key(), (model, job), job.cost(), job.num_images)
+        loras = await self._resolve_loras(job)
+        result = await self.batcher.submit(job.batch_key(), (model, job, loras), job.cost(), job.num_images)
         result.replica = self.replica_id
         return result
 

@@ -400,6 +400,67 @@ def build_sd15_single_file(out: Path) -> None:
     save_file({k: v.contiguous() for k, v in sorted(checkpoint.items())}, out / "sd15.safetensors")
 
 
+# --- LoRAs for the stand-ins -------------------------------------------------------------------
+
+_LORA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+_LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _random_lora(model, seed: int, targets: list[str], rank: int = 4) -> dict:
+    """Random (non-zero) LoRA weights for `model`, as a peft state dict."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.5)  # strong enough to see, not enough to blow up the tiny models
+    return get_peft_model_state_dict(model)
+
+
+def _kohya_module(prefix: str, peft_key: str) -> str:
+    module = peft_key.rsplit(".lora_", 1)[0]
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def _to_kohya(state: dict, prefix: str, rank: int = 4) -> dict:
+    """peft LoRA keys -> kohya/A1111 names (`lora_unet_..._to_q.lora_down.weight` + `.alpha`)."""
+    import torch
+
+    out = {}
+    for key, tensor in state.items():
+        module = _kohya_module(prefix, key)
+        out[f"{module}.{'lora_down' if '.lora_A.' in key else 'lora_up'}.weight"] = tensor
+        out[f"{module}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def _build_lora(out: Path, architecture: str, seed: int, kohya: bool) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import save_file
+
+    cls = StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(ensure_tiny_model(architecture if architecture == "sdxl" else "sd15"))
+    unet = _random_lora(pipe.unet, seed, _LORA_UNET_TARGETS)
+    out.mkdir(parents=True, exist_ok=True)
+    if not kohya:
+        cls.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(unet), safe_serialization=True)
+        return
+    # Kohya files (what civitai serves) usually train the text encoder(s) too.
+    state = _to_kohya(unet, "lora_unet")
+    encoders = [("lora_te1" if architecture == "sdxl" else "lora_te", pipe.text_encoder)]
+    if architecture == "sdxl":
+        encoders.append(("lora_te2", pipe.text_encoder_2))
+    for offset, (prefix, encoder) in enumerate(encoders, start=1):
+        text = _random_lora(encoder, seed + offset, _LORA_TEXT_TARGETS)
+        state.update(_to_kohya({f"text_model.{k.removeprefix('text_model.')}": v for k, v in text.items()}, prefix))
+    save_file({k: v.contiguous() for k, v in sorted(state.items())}, out / "lora.safetensors")
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
@@ -407,6 +468,12 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "sdxl-unet-alt": build_sdxl_unet_alt,
     "safety-checker": build_safety_checker,
     "sd15-single-file": build_sd15_single_file,
+    # LoRAs: diffusers/peft format (two, to combine) and kohya/A1111 format, per architecture.
+    "sd15-lora-a": lambda out: _build_lora(out, "sd15", 30, kohya=False),
+    "sd15-lora-b": lambda out: _build_lora(out, "sd15", 31, kohya=False),
+    "sd15-lora-kohya": lambda out: _build_lora(out, "sd15", 32, kohya=True),
+    "sdxl-lora-a": lambda out: _build_lora(out, "sdxl", 40, kohya=False),
+    "sdxl-lora-kohya": lambda out: _build_lora(out, "sdxl", 42, kohya=True),
 }
 
 

@@ -41,6 +41,7 @@ class Limits(_Frozen):
     max_input_image_pixels: int = 4096 * 4096
     max_images_per_request: int = 8
     max_inference_steps: int = 150
+    max_loras: int = Field(16, description="LoRAs one request may combine")
     request_timeout_s: float = Field(600.0, description="longest a sync request may wait for its images")
 
 
@@ -107,6 +108,7 @@ class AppConfig(BaseSettings):
     profile: Profile = "demo"
     models: dict[str, ModelAlias] = Field(default_factory=dict, description="operator aliases")
     max_models_per_replica: int = Field(2, description="base models a replica keeps loaded (LRU)")
+    max_loras_per_model: int = Field(32, description="LoRAs a loaded model keeps injected (LRU)")
     safety_checker: str | None = Field(
         None, description="safety checker model; default: tiny stand-in (demo) or CompVis's (production)"
     )

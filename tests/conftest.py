@@ -185,6 +185,7 @@ def stack(ray_cluster, files_dir, test_ca) -> Iterator[str]:
         network={"allowed_networks": [f"{IMAGE_HOST}/32"], "timeout_s": 3.0},
         limits={"max_input_image_bytes": 2 * 1024 * 1024, "max_pixels": 1024 * 1024},
         batching={"max_wait_ms": 30.0},
+        weights={"cache_dir": str(files_dir.parent / "weights"), "max_file_bytes": 4 * 1024 * 1024},
     )
     app = assemble(config, {"ray_actor_options": {"num_gpus": 1, "num_cpus": 1}})
     serve.run(app, name="diffusion-serve", route_prefix="/")

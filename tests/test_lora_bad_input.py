@@ -140,9 +140,9 @@ def test_scheduler_that_cannot_follow_custom_timesteps(http):
     assert_422(http.post("/fal-ai/lora", json=body), ["body", "timesteps"], "does not accept")
 
 
-def test_adapter_lists_are_refused_not_ignored_until_served(http):
-    body = small(loras=[{"path": "https://example.com/lora.safetensors", "scale": 1}])
-    assert_422(http.post("/fal-ai/lora", json=body), ["body", "loras"], "not served")
+def test_adapter_lists_not_served_yet_are_refused_not_ignored(http):
+    body = small(embeddings=[{"path": "https://example.com/emb.safetensors"}])
+    assert_422(http.post("/fal-ai/lora", json=body), ["body", "embeddings"], "not served")
 
 
 def test_the_replica_keeps_serving_after_bad_inputs(http):

@@ -173,3 +173,17 @@ async def test_the_three_modes_share_one_set_of_weights():
     t2i, i2i, inpaint = (model.pipelines[m] for m in ("text-to-image", "image-to-image", "inpaint"))
     assert t2i.unet is i2i.unet is inpaint.unet and t2i.vae is i2i.vae is inpaint.vae
     assert t2i.text_encoder_2 is inpaint.text_encoder_2
+
+
+async def test_sd15_clip_skip_matches_the_prompt_weighting_encoder_for_plain_prompts():
+    """Two encoders of ours must agree where weighting changes nothing (both follow diffusers)."""
+    from deployments.common.compat import sd15_clip_skip_embeddings
+    from deployments.common.prompt_weighting import encode_prompts
+
+    registry = ModelRegistry(AppConfig(profile="demo"))
+    device, dtype = select_device()
+    pipe = load_sd_model(await registry.resolve(ModelRef("runwayml/stable-diffusion-v1-5")), device, dtype).pipelines["text-to-image"]
+    ours = sd15_clip_skip_embeddings(pipe, ["photo of a cat"], ["blurry"], clip_skip=1)
+    weighted = encode_prompts(pipe, ["photo of a cat"], ["blurry"], clip_skip=1, do_classifier_free_guidance=True)
+    assert torch.allclose(ours["prompt_embeds"], weighted["prompt_embeds"], atol=1e-5)
+    assert torch.allclose(ours["negative_prompt_embeds"], weighted["negative_prompt_embeds"], atol=1e-5)

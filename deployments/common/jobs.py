@@ -79,6 +79,7 @@ class ImageJob:
     rescale_betas_snr_zero: bool = False
     eta: float = 0.0
     prompt_weighting: bool = False
+    loras: tuple[tuple[str, float], ...] = ()  # (path as the user gave it, scale)
     tiling: Tiling = field(default_factory=Tiling)
     strength: float = 1.0
     image: np.ndarray | None = None  # HxWx3 uint8, already at (width, height)
@@ -104,6 +105,7 @@ class ImageJob:
             self.rescale_betas_snr_zero,
             self.eta,
             self.prompt_weighting,
+            self.loras,
             self.tiling,
             self.strength if self.mode != "text-to-image" else None,
             # Per-pass latents are collected by a step callback for the whole call.

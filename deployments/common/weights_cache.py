@@ -18,6 +18,7 @@ same node finds what earlier ones downloaded.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -82,6 +83,17 @@ def validate_weights_file(path: Path, allow_pickle: bool = False) -> str:
         ):
             raise WeightsFormatError(f"the safetensors file is damaged (tensor {name!r} lies outside the file)", "weights_invalid")
     return "safetensors"
+
+
+def content_name(path: Path) -> str:
+    """A short stable name for a weights file: its digest (the cache's file names already are one)."""
+    if len(path.stem) == 64 and all(c in "0123456789abcdef" for c in path.stem):
+        return path.stem[:16]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -166,27 +178,58 @@ class WeightsCache:
         try:
             with os.fdopen(fd, "wb") as sink:
                 info = await fetch_into(url, self.policy, self.max_file_bytes, sink, timeout_s=self.download_timeout_s)
-            kind = await asyncio.to_thread(validate_weights_file, tmp, self.allow_pickle)
         except UrlFetchError as exc:
             tmp.unlink(missing_ok=True)
             raise JobInputError(field, exc.msg, exc.type) from None
-        except WeightsFormatError as exc:
-            tmp.unlink(missing_ok=True)
-            raise JobInputError(field, f"{url.split('?')[0]}: {exc.msg}", exc.type) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        entry = _Entry(info.sha256, ".safetensors" if kind == "safetensors" else ".pickle", info.size, time.time())
+        path = await self._admit(tmp, info.sha256, info.size, url, field, shown=url.split("?")[0])
+        self.downloads += 1
+        logger.info("fetched %s (%d bytes, sha256 %s)", url.split("?")[0], info.size, info.sha256[:12])
+        return path
+
+    async def store(self, data: bytes, field: tuple[str | int, ...]) -> Path:
+        """Weights given inline (a data: URI): validated and cached like a download."""
+        if len(data) > self.max_file_bytes:
+            raise JobInputError(field, f"the file is larger than the {self.max_file_bytes // 2**20} MB limit", "url_too_large")
+        digest = hashlib.sha256(data).hexdigest()
+        key = f"sha256:{digest}"
+        path = self.cached(key)
+        if path is not None:
+            return path
+        fd, tmp_name = tempfile.mkstemp(prefix=".inline-", dir=self.directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return await self._admit(Path(tmp_name), digest, len(data), key, field, shown="the inline file")
+
+    def adopt(self, path: Path, field: tuple[str | int, ...]) -> Path:
+        """A file another cache already holds (huggingface_hub's): validated, used in place."""
+        try:
+            validate_weights_file(path, self.allow_pickle)
+        except WeightsFormatError as exc:
+            raise JobInputError(field, f"{path.name}: {exc.msg}", exc.type) from None
+        return path
+
+    async def _admit(self, tmp: Path, digest: str, size: int, key: str, field: tuple, shown: str) -> Path:
+        """Validate a finished temporary file and move it to its content address."""
+        try:
+            kind = await asyncio.to_thread(validate_weights_file, tmp, self.allow_pickle)
+        except WeightsFormatError as exc:
+            tmp.unlink(missing_ok=True)
+            raise JobInputError(field, f"{shown}: {exc.msg}", exc.type) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        entry = _Entry(digest, ".safetensors" if kind == "safetensors" else ".pickle", size, time.time())
         target = self._path(entry)
         if target.exists():
             tmp.unlink()
         else:
             tmp.rename(target)
-        self._urls[url] = entry
-        self.downloads += 1
+        self._urls[key] = entry
         self._evict(keep=entry.digest)
         self._save_index()
-        logger.info("fetched %s (%d bytes, sha256 %s)", url.split("?")[0], info.size, info.sha256[:12])
         return target
 
     def _evict(self, keep: str) -> None:

@@ -8,6 +8,7 @@ images. Engine code never sees HTTP; this class never sees a tensor.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from serve_app.services.dispatch import call_model
 
 LoraInput = LoraTextToImageInput | LoraImageToImageInput | LoraInpaintInput
 
-# Adapter lists arrive with the adapter fetcher; until then they are refused, never ignored.
-NOT_YET_SERVED = ("loras", "embeddings", "controlnets", "ip_adapter")
+# These adapter lists arrive with the adapter fetcher; until then they are refused, never ignored.
+NOT_YET_SERVED = ("embeddings", "controlnets", "ip_adapter")
 IC_LIGHT = ("ic_light_model_url", "ic_light_model_background_image_url", "ic_light_image_url")
 
 
@@ -108,6 +109,11 @@ class LoraService:
 
     async def job(self, mode: Mode, body: LoraInput, base_url: str, request_id: str) -> ImageJob:
         self._refuse_unserved(body)
+        if len(body.loras) > self.config.limits.max_loras:
+            raise InputError(["body", "loras"], f"at most {self.config.limits.max_loras} LoRAs per request", "value_error")
+        for i, lora in enumerate(body.loras):
+            if not math.isfinite(lora.scale) or abs(lora.scale) > 10:
+                raise InputError(["body", "loras", i, "scale"], "scale must be a number between -10 and 10", "value_error")
         if body.num_images > self.config.limits.max_images_per_request:
             raise InputError(["body", "num_images"], f"at most {self.config.limits.max_images_per_request} images per request", "value_error")
         strength = self._strength(mode, body)
@@ -132,6 +138,7 @@ class LoraService:
             rescale_betas_snr_zero=body.rescale_betas_snr_zero,
             eta=body.eta,
             prompt_weighting=body.prompt_weighting,
+            loras=tuple((lora.path, lora.scale) for lora in body.loras),
             tiling=Tiling(body.tile_width, body.tile_height, body.tile_stride_width, body.tile_stride_height),
             strength=strength,
             image=image,
