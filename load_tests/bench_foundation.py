@@ -74,8 +74,9 @@ def measure_bare_batch(pipe, args) -> dict:
     return {"images_per_s": 8 * calls / elapsed, "call_ms": 1000 * elapsed / calls}
 
 
-def stack_body(args, seed: int) -> dict:
+def stack_body(args, seed: int, **extra) -> dict:
     return {
+        **extra,
         "model_name": SDXL,
         "prompt": f"photo {seed}",
         "image_size": {"width": args.size, "height": args.size},
@@ -86,9 +87,9 @@ def stack_body(args, seed: int) -> dict:
     }
 
 
-def post(client: httpx.Client, args, seed: int, timings: list | None = None) -> tuple[float, int]:
+def post(client: httpx.Client, args, seed: int, timings: list | None = None, **extra) -> tuple[float, int]:
     started = time.perf_counter()
-    response = client.post("/fal-ai/lora", json=stack_body(args, seed))
+    response = client.post("/fal-ai/lora", json=stack_body(args, seed, **extra))
     response.raise_for_status()
     elapsed = time.perf_counter() - started
     if timings is not None:
@@ -132,7 +133,7 @@ def measure_stack_concurrent(client: httpx.Client, args, clients: int) -> dict:
     }
 
 
-def start_stack(args) -> str:
+def start_stack(args, **config_overrides) -> str:
     import ray
     from ray import serve
 
@@ -147,6 +148,7 @@ def start_stack(args) -> str:
         profile="demo",
         device={"cpu_threads": args.threads},
         batching={"max_wait_ms": args.max_wait_ms, "enabled": not args.no_batching},
+        **config_overrides,
     )
     serve.run(assemble(config, {"ray_actor_options": {"num_cpus": 1}}), name="bench", route_prefix="/")
     return f"http://127.0.0.1:{port}"

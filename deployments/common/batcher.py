@@ -19,6 +19,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -55,8 +56,10 @@ class KeyedBatcher(Generic[Item, Result]):
         run_batch: Callable[[list[Item]], Sequence[Result | BaseException]],
         limits: BatchLimits,
         on_batch: Callable[[int, float], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._executor = executor  # where calls run; None: asyncio's default thread pool
         self._limits = limits
         self._on_batch = on_batch
         self._queues: OrderedDict[Hashable, list[_Pending[Item]]] = OrderedDict()
@@ -148,7 +151,8 @@ class KeyedBatcher(Generic[Item, Result]):
     async def _run(self, batch: list[_Pending[Item]]) -> None:
         started = time.monotonic()
         try:
-            results: Sequence[Any] = await asyncio.to_thread(self._run_batch, [p.item for p in batch])
+            loop = asyncio.get_running_loop()
+            results: Sequence[Any] = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except BaseException as exc:  # noqa: BLE001 - every caller must hear about it
