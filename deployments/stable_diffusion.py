@@ -164,7 +164,7 @@ def run_sd_batch(
     except ValueError as exc:
         # diffusers rejects some combinations only when called (e.g. a timestep schedule the
         # scheduler cannot follow); those are the request's fault, not the server's.
-        raise JobInputError(("body",), f"the pipeline rejected these settings: {exc}", "invalid_settings") from None
+        raise JobInputError((), f"the pipeline rejected these settings: {exc}", "invalid_settings") from None
     return finish(pipe, latents, jobs, items, safety, started, step_latents)
 
 
@@ -180,8 +180,8 @@ class StableDiffusion:
         # starts a second OpenMP team that fights the first for cores (measured: 2.5x slower).
         self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch", initializer=self._init_torch_thread)
         w = self.config.weights
-        weights = WeightsCache(w.cache_dir, self.config.network, w.max_cache_bytes, w.max_file_bytes, w.download_timeout_s, w.allow_pickle)
-        self.registry = ModelRegistry(self.config, weights)
+        self.weights = WeightsCache(w.cache_dir, self.config.network, w.max_cache_bytes, w.max_file_bytes, w.download_timeout_s, w.allow_pickle)
+        self.registry = ModelRegistry(self.config, self.weights)
         self.safety = SafetyChecker(self.config.safety_checker_source(), self.device, self.dtype)
         b = self.config.batching
         limits = BatchLimits(
@@ -192,7 +192,6 @@ class StableDiffusion:
         self.batcher: KeyedBatcher[tuple[SDModel, ImageJob, list[ResolvedLora]], JobResult] = KeyedBatcher(
             self._run_batch, limits, executor=self.torch_thread
         )
-        self.weights = weights
 
         async def load(model_id: str) -> SDModel:
             resolved = await self.registry.resolve(ModelRef.from_key(model_id))
@@ -227,7 +226,9 @@ class StableDiffusion:
     async def generate(self, job: ImageJob) -> JobResult:
         model = await self.get_model(job.model.key())
         loras = await self._resolve_loras(job)
-        result = await self.batcher.submit(job.batch_key(), (model, job, loras), job.cost(), job.num_images)
+        # The LoRAs join the batch key by content and scale, not by how the user spelled them.
+        key = (*job.batch_key(), tuple((lora.name, lora.scale) for lora in loras))
+        result = await self.batcher.submit(key, (model, job, loras), job.cost(), job.num_images)
         result.replica = self.replica_id
         return result
 

@@ -116,13 +116,14 @@ def measure_single(pipe, client: httpx.Client, args) -> dict:
     }
 
 
-def measure_stack_concurrent(client: httpx.Client, args, clients: int) -> dict:
-    """Closed loop: `clients` threads, each sending its next request when the last one returns."""
-    total = max(args.requests, clients * 5)
-    results: list[tuple[float, int]] = []
+def measure_stack_concurrent(client: httpx.Client, args, clients: int, total: int | None = None, extra=None) -> dict:
+    """Closed loop: `clients` threads, each sending its next request when the last one returns.
+
+    `extra(i)` adds fields to request i (LoRAs, say)."""
+    total = total or max(args.requests, clients * 5)
     started = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda seed: post(client, args, seed), range(total)))
+        results = list(pool.map(lambda seed: post(client, args, seed, **(extra(seed) if extra else {})), range(total)))
     elapsed = time.perf_counter() - started
     latencies = [r[0] for r in results]
     return {

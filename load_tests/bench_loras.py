@@ -12,7 +12,6 @@ Target: hot LoRA throughput >= 0.8x the no-LoRA throughput.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ import httpx
 import torch
 
 from deployments.tiny_models import _build_lora
-from load_tests.bench_foundation import post, start_stack
+from load_tests.bench_foundation import measure_stack_concurrent, post, start_stack
 from tests.conftest import IMAGE_HOST, ImageServer
 
 N_LORAS = 8
@@ -32,19 +31,6 @@ N_LORAS = 8
 
 def lora_pair(i: int, urls: list[str]) -> list[dict]:
     return [{"path": urls[i % N_LORAS], "scale": 0.8}, {"path": urls[(i + 1) % N_LORAS], "scale": 0.5}]
-
-
-def throughput(client: httpx.Client, args, clients: int, requests: int, urls: list[str] | None) -> dict:
-    def one(i: int) -> tuple[float, int]:
-        extra = {"loras": lora_pair(i, urls)} if urls else {}
-        return post(client, args, i, **extra)
-
-    started = time.perf_counter()
-    with cf.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, range(requests)))
-    elapsed = time.perf_counter() - started
-    return {"images_per_s": requests / elapsed, "p50_ms": 1000 * statistics.median(r[0] for r in results),
-            "mean_batch_size": statistics.mean(r[1] for r in results)}
 
 
 def main() -> None:
@@ -84,8 +70,9 @@ def main() -> None:
         for r in range(args.rounds):
             result = {}
             for clients in (1, 8):
-                result[f"none_c{clients}"] = throughput(client, args, clients, args.requests if clients == 1 else 5 * clients, None)
-                result[f"loras_c{clients}"] = throughput(client, args, clients, args.requests if clients == 1 else 5 * clients, urls)
+                total = args.requests if clients == 1 else 5 * clients
+                result[f"none_c{clients}"] = measure_stack_concurrent(client, args, clients, total)
+                result[f"loras_c{clients}"] = measure_stack_concurrent(client, args, clients, total, lambda i: {"loras": lora_pair(i, urls)})
             rounds.append(result)
             print(f"round {r + 1}: " + json.dumps({k: {m: round(v, 2) for m, v in d.items()} for k, d in result.items()}), file=sys.stderr)
 

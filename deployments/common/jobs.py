@@ -89,7 +89,9 @@ class ImageJob:
     debug_per_pass_latents: bool = False
 
     def batch_key(self) -> tuple:
-        """Everything that is one value per pipeline call. Jobs with equal keys may share a call."""
+        """Everything that is one value per pipeline call. Jobs with equal keys may share a call.
+
+        The model deployment adds the LoRA set once it has resolved it to files (by content)."""
         return (
             self.model.key(),
             self.mode,
@@ -105,7 +107,6 @@ class ImageJob:
             self.rescale_betas_snr_zero,
             self.eta,
             self.prompt_weighting,
-            self.loras,
             self.tiling,
             self.strength if self.mode != "text-to-image" else None,
             # Per-pass latents are collected by a step callback for the whole call.

@@ -63,10 +63,18 @@ class IPAdapter(InputModel):
     scale_json: dict | None = None
 
 
-class TimestepsInput(InputModel):
+class ScheduleOverride(InputModel):
     """`{"method": "default"}` lets the scheduler choose; `{"method": "array", "array": [...]}` overrides."""
 
     method: Literal["default", "array"] = "default"
+    array: list
+
+    @property
+    def values(self) -> list | None:
+        return list(self.array) if self.method == "array" else None
+
+
+class TimestepsInput(ScheduleOverride):
     array: list[int] = Field(default_factory=list)
 
     @field_validator("array")
@@ -78,13 +86,8 @@ class TimestepsInput(InputModel):
             raise ValueError("at most 150 timesteps")
         return v
 
-    @property
-    def values(self) -> list[int] | None:
-        return list(self.array) if self.method == "array" else None
 
-
-class SigmasInput(InputModel):
-    method: Literal["default", "array"] = "default"
+class SigmasInput(ScheduleOverride):
     array: list[float] = Field(default_factory=list)
 
     @field_validator("array")
@@ -95,10 +98,6 @@ class SigmasInput(InputModel):
         if len(v) > 151:
             raise ValueError("at most 151 sigmas")
         return v
-
-    @property
-    def values(self) -> list[float] | None:
-        return list(self.array) if self.method == "array" else None
 
 
 class LoraTextToImageInput(InputModel):
