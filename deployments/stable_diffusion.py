@@ -22,7 +22,8 @@ from deployments.common.compat import sd15_clip_skip_embeddings
 from deployments.common.devices import select_device
 from deployments.common.generation import StepLatents, expand, finish
 from deployments.common.jobs import ImageJob, JobInputError, JobResult, ModelRef, Mode
-from deployments.common.lora import LoadedAdapters, ResolvedLora, resolve_lora_file
+from deployments.common.embeddings import LoadedEmbeddings, ResolvedEmbedding
+from deployments.common.lora import LoadedAdapters, ResolvedLora
 from deployments.common.model_sources import ModelRegistry, ResolvedModel, WeightsSource
 from deployments.common.safety import SafetyChecker
 from deployments.common.schedulers import (
@@ -31,10 +32,12 @@ from deployments.common.schedulers import (
     scheduler_label,
     unsupported_schedule_argument,
 )
-from deployments.common.weights_cache import WeightsCache, content_name
+from deployments.common.weights_cache import WeightsCache, content_name, resolve_weights_file
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("diffusion_serve.stable_diffusion")
+
+Adapters = tuple[list[ResolvedLora], list[ResolvedEmbedding]]
 
 
 @dataclass
@@ -45,6 +48,7 @@ class SDModel:
     pipelines: dict[Mode, Any]
     default_scheduler: Any
     adapters: LoadedAdapters
+    embeddings: LoadedEmbeddings
 
     @property
     def architecture(self) -> str:
@@ -108,7 +112,7 @@ def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dt
     for p in pipelines.values():
         p.set_progress_bar_config(disable=True)
     logger.info("loaded %s (%s) on %s as %s", resolved.ref.model_name, resolved.architecture, device, dtype)
-    return SDModel(resolved, pipelines, pipe.scheduler, LoadedAdapters(pipe, max_loras))
+    return SDModel(resolved, pipelines, pipe.scheduler, LoadedAdapters(pipe, max_loras), LoadedEmbeddings(pipe))
 
 
 def _prompt_kwargs(pipe, job: ImageJob, prompts: list[str], negatives: list[str]) -> dict[str, Any]:
@@ -123,11 +127,17 @@ def _prompt_kwargs(pipe, job: ImageJob, prompts: list[str], negatives: list[str]
 
 
 def run_sd_batch(
-    model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, loras: list[ResolvedLora] | None = None
+    model: SDModel,
+    jobs: list[ImageJob],
+    safety: SafetyChecker,
+    loras: list[ResolvedLora] | None = None,
+    embeddings: list[ResolvedEmbedding] | None = None,
 ) -> list[JobResult]:
-    """One pipeline call for jobs that share a batch key (and so the same LoRAs and scales)."""
+    """One pipeline call for jobs that share a batch key (and so the same adapters)."""
     started = time.monotonic()
     job = jobs[0]
+    embeddings = embeddings or []
+    model.embeddings.activate(embeddings, [("embeddings", i, "path") for i in range(len(embeddings))])
     model.adapters.activate(loras or [], [("loras", i, "path") for i in range(len(loras or []))])
     pipe = model.pipelines[job.mode]
     choice = SchedulerChoice(job.scheduler, job.prediction_type, job.rescale_betas_snr_zero)
@@ -189,7 +199,7 @@ class StableDiffusion:
             max_items=b.max_images if b.enabled else 1,
             max_wait_s=b.max_wait_ms / 1000 if b.enabled else 0.0,
         )
-        self.batcher: KeyedBatcher[tuple[SDModel, ImageJob, list[ResolvedLora]], JobResult] = KeyedBatcher(
+        self.batcher: KeyedBatcher[tuple[SDModel, ImageJob, Adapters], JobResult] = KeyedBatcher(
             self._run_batch, limits, executor=self.torch_thread
         )
 
@@ -207,14 +217,14 @@ class StableDiffusion:
         if self.device.type == "cpu" and self.config.device.cpu_threads:
             torch.set_num_threads(self.config.device.cpu_threads)  # per thread under OpenMP
 
-    def _run_batch(self, items: list[tuple[SDModel, ImageJob, list[ResolvedLora]]]) -> list[JobResult]:
-        model, _, loras = items[0]
-        return run_sd_batch(model, [job for _, job, _ in items], self.safety, loras)
+    def _run_batch(self, items: list[tuple[SDModel, ImageJob, Adapters]]) -> list[JobResult]:
+        model, _, (loras, embeddings) = items[0]
+        return run_sd_batch(model, [job for _, job, _ in items], self.safety, loras, embeddings)
 
     async def _resolve_loras(self, job: ImageJob) -> list[ResolvedLora]:
         """Local files for the job's LoRAs (fetched once per node), named by content."""
         files = await asyncio.gather(
-            *(resolve_lora_file(path, ("loras", i, "path"), self.weights) for i, (path, _) in enumerate(job.loras))
+            *(resolve_weights_file(path, ("loras", i, "path"), self.weights) for i, (path, _) in enumerate(job.loras))
         )
         merged: dict[str, ResolvedLora] = {}
         for file, (_, scale) in zip(files, job.loras):
@@ -223,12 +233,25 @@ class StableDiffusion:
             merged[name] = ResolvedLora(name, file, scale + (previous.scale if previous else 0.0))
         return list(merged.values())
 
+    async def _resolve_embeddings(self, job: ImageJob) -> list[ResolvedEmbedding]:
+        files = await asyncio.gather(
+            *(resolve_weights_file(path, ("embeddings", i, "path"), self.weights, "learned_embeds.safetensors") for i, (path, _) in enumerate(job.embeddings))
+        )
+        return [
+            ResolvedEmbedding(await asyncio.to_thread(content_name, file), file, tokens)
+            for file, (_, tokens) in zip(files, job.embeddings)
+        ]
+
     async def generate(self, job: ImageJob) -> JobResult:
         model = await self.get_model(job.model.key())
-        loras = await self._resolve_loras(job)
-        # The LoRAs join the batch key by content and scale, not by how the user spelled them.
-        key = (*job.batch_key(), tuple((lora.name, lora.scale) for lora in loras))
-        result = await self.batcher.submit(key, (model, job, loras), job.cost(), job.num_images)
+        loras, embeddings = await asyncio.gather(self._resolve_loras(job), self._resolve_embeddings(job))
+        # Adapters join the batch key by content (and scale/tokens), not by how they were spelled.
+        key = (
+            *job.batch_key(),
+            tuple((lora.name, lora.scale) for lora in loras),
+            tuple((e.name, e.tokens) for e in embeddings),
+        )
+        result = await self.batcher.submit(key, (model, job, (loras, embeddings)), job.cost(), job.num_images)
         result.replica = self.replica_id
         return result
 

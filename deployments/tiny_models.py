@@ -461,6 +461,21 @@ def _build_lora(out: Path, architecture: str, seed: int, kohya: bool) -> None:
     save_file({k: v.contiguous() for k, v in sorted(state.items())}, out / "lora.safetensors")
 
 
+def _build_embedding(out: Path, architecture: str, seed: int) -> None:
+    """A two-vector textual-inversion embedding: A1111 `emb_params` (SD1.5) or clip_l + clip_g (SDXL)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = (
+        {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 32, generator=g)}
+        if architecture == "sdxl"
+        else {"emb_params": torch.randn(2, 32, generator=g)}
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "embedding.safetensors")
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
@@ -474,6 +489,8 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd15-lora-kohya": lambda out: _build_lora(out, "sd15", 32, kohya=True),
     "sdxl-lora-a": lambda out: _build_lora(out, "sdxl", 40, kohya=False),
     "sdxl-lora-kohya": lambda out: _build_lora(out, "sdxl", 42, kohya=True),
+    "sd15-embedding": lambda out: _build_embedding(out, "sd15", 50),
+    "sdxl-embedding": lambda out: _build_embedding(out, "sdxl", 51),
 }
 
 

@@ -80,6 +80,7 @@ class ImageJob:
     eta: float = 0.0
     prompt_weighting: bool = False
     loras: tuple[tuple[str, float], ...] = ()  # (path as the user gave it, scale)
+    embeddings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (path, tokens)
     tiling: Tiling = field(default_factory=Tiling)
     strength: float = 1.0
     image: np.ndarray | None = None  # HxWx3 uint8, already at (width, height)
@@ -91,7 +92,7 @@ class ImageJob:
     def batch_key(self) -> tuple:
         """Everything that is one value per pipeline call. Jobs with equal keys may share a call.
 
-        The model deployment adds the LoRA set once it has resolved it to files (by content)."""
+        The model deployment adds the LoRA set and embeddings once it has resolved them to files."""
         return (
             self.model.key(),
             self.mode,

@@ -1,9 +1,7 @@
-"""LoRAs: where their files come from, and which ones a loaded model holds.
+"""LoRAs: which ones a loaded model holds.
 
-A LoRA `path` is an http(s) URL (civitai-style download links included), a `data:` URI, a Hugging
-Face repo id, or a file inside one (`owner/name/file.safetensors`). Every file lands in the
-node's validated weights cache first (safetensors only, unless the operator allows pickles) and
-is named by its content digest, so the same bytes under two URLs are one adapter.
+Files come through `weights_cache.resolve_weights_file` (URL, data URI, HF id), named by their
+content digest, so the same bytes under two URLs are one adapter.
 
 Each loaded base model keeps an LRU of adapters already injected (diffusers/peft, both diffusers
 and kohya naming): switching among hot LoRAs is `set_adapters`, milliseconds, not a reload.
@@ -11,20 +9,15 @@ and kohya naming): switching among hot LoRAs is `set_adapters`, milliseconds, no
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import logging
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.common.jobs import JobInputError
-from deployments.common.weights_cache import WeightsCache
 
 logger = logging.getLogger("diffusion_serve.lora")
 
-HF_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.safetensors))?$")
 
 
 @dataclass(frozen=True)
@@ -32,39 +25,6 @@ class ResolvedLora:
     name: str  # adapter name: derived from the file's content digest
     path: Path
     scale: float
-
-
-async def resolve_lora_file(path: str, field: tuple, cache: WeightsCache) -> Path:
-    """A local, validated copy of the LoRA at `path` (see the module docstring for the forms)."""
-    if path.startswith(("http://", "https://")):
-        return await cache.fetch(path, field)
-    if path.startswith("data:"):
-        header, _, payload = path.partition(",")
-        if ";base64" not in header:
-            raise JobInputError(field, "a data: URI for weights must be base64-encoded", "data_uri_invalid")
-        try:
-            data = base64.b64decode(payload)
-        except ValueError:
-            raise JobInputError(field, "the data URI is not valid base64", "data_uri_invalid") from None
-        return await cache.store(data, field)
-    match = HF_FILE.match(path)
-    if match and not path.startswith(("/", ".", "~")):
-        return await asyncio.to_thread(_from_hub, match.group("repo"), match.group("file"), field, cache)
-    raise JobInputError(
-        field, "expected an http(s) URL, a data: URI, or a Hugging Face repo id (owner/name[/file.safetensors])", "lora_path_invalid"
-    )
-
-
-def _from_hub(repo: str, filename: str | None, field: tuple, cache: WeightsCache) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        local = hf_hub_download(repo, filename or "pytorch_lora_weights.safetensors")
-    except Exception as exc:  # noqa: BLE001 - reported to the user
-        raise JobInputError(
-            field, f"could not fetch {repo}/{filename or 'pytorch_lora_weights.safetensors'} from the Hugging Face hub ({type(exc).__name__})", "url_unreachable"
-        ) from None
-    return cache.adopt(Path(local), field)
 
 
 class LoadedAdapters:

@@ -18,10 +18,12 @@ same node finds what earlier ones downloaded.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 import time
@@ -249,3 +251,39 @@ class WeightsCache:
             self._urls = {u: e for u, e in self._urls.items() if e.digest != entry.digest}
             total -= entry.size
             logger.info("evicted %s (%d bytes)", entry.digest[:12], entry.size)
+
+
+HF_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.safetensors))?$")
+
+
+async def resolve_weights_file(path: str, field: tuple, cache: WeightsCache, default_file: str = "pytorch_lora_weights.safetensors") -> Path:
+    """A local, validated copy of the adapter weights at `path`: an http(s) URL (civitai-style
+    download links too), a `data:` URI, a Hugging Face repo id (its `default_file`), or a file in
+    one (`owner/name/file.safetensors`). Local paths are refused: users must not read our disk."""
+    if path.startswith(("http://", "https://")):
+        return await cache.fetch(path, field)
+    if path.startswith("data:"):
+        header, _, payload = path.partition(",")
+        if ";base64" not in header:
+            raise JobInputError(field, "a data: URI for weights must be base64-encoded", "data_uri_invalid")
+        try:
+            data = base64.b64decode(payload)
+        except ValueError:
+            raise JobInputError(field, "the data URI is not valid base64", "data_uri_invalid") from None
+        return await cache.store(data, field)
+    match = HF_FILE.match(path)
+    if match and not path.startswith(("/", ".", "~")):
+        return await asyncio.to_thread(_from_hub, match.group("repo"), match.group("file") or default_file, field, cache)
+    raise JobInputError(
+        field, "expected an http(s) URL, a data: URI, or a Hugging Face repo id (owner/name[/file.safetensors])", "weights_path_invalid"
+    )
+
+
+def _from_hub(repo: str, filename: str, field: tuple, cache: WeightsCache) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        local = hf_hub_download(repo, filename)
+    except Exception as exc:  # noqa: BLE001 - reported to the user
+        raise JobInputError(field, f"could not fetch {repo}/{filename} from the Hugging Face hub ({type(exc).__name__})", "url_unreachable") from None
+    return cache.adopt(Path(local), field)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from serve_app.services.dispatch import call_model
 LoraInput = LoraTextToImageInput | LoraImageToImageInput | LoraInpaintInput
 
 # These adapter lists arrive with the adapter fetcher; until then they are refused, never ignored.
-NOT_YET_SERVED = ("embeddings", "controlnets", "ip_adapter")
+NOT_YET_SERVED = ("controlnets", "ip_adapter")
+TOKEN = re.compile(r"^\S{1,64}$")
 IC_LIGHT = ("ic_light_model_url", "ic_light_model_background_image_url", "ic_light_image_url")
 
 
@@ -114,6 +116,15 @@ class LoraService:
         for i, lora in enumerate(body.loras):
             if not math.isfinite(lora.scale) or abs(lora.scale) > 10:
                 raise InputError(["body", "loras", i, "scale"], "scale must be a number between -10 and 10", "value_error")
+        if len(body.embeddings) > self.config.limits.max_loras:
+            raise InputError(["body", "embeddings"], f"at most {self.config.limits.max_loras} embeddings per request", "value_error")
+        seen: set[str] = set()
+        for i, embedding in enumerate(body.embeddings):
+            if not embedding.tokens or not all(TOKEN.match(t) for t in embedding.tokens):
+                raise InputError(["body", "embeddings", i, "tokens"], "tokens must be one or more words without spaces, like <s0>", "value_error")
+            if seen & set(embedding.tokens):
+                raise InputError(["body", "embeddings", i, "tokens"], "each token may belong to one embedding only", "value_error")
+            seen |= set(embedding.tokens)
         if body.num_images > self.config.limits.max_images_per_request:
             raise InputError(["body", "num_images"], f"at most {self.config.limits.max_images_per_request} images per request", "value_error")
         strength = self._strength(mode, body)
@@ -139,6 +150,7 @@ class LoraService:
             eta=body.eta,
             prompt_weighting=body.prompt_weighting,
             loras=tuple((lora.path, lora.scale) for lora in body.loras),
+            embeddings=tuple((e.path, tuple(e.tokens)) for e in body.embeddings),
             tiling=Tiling(body.tile_width, body.tile_height, body.tile_stride_width, body.tile_stride_height),
             strength=strength,
             image=image,
