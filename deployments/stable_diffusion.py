@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.common.batcher import BatchLimits, KeyedBatcher
 from deployments.common.compat import sd15_clip_skip_embeddings
@@ -32,7 +33,8 @@ from deployments.common.schedulers import (
     scheduler_label,
     unsupported_schedule_argument,
 )
-from deployments.common.weights_cache import WeightsCache, content_name, resolve_weights_file
+from deployments.adapters import ClusterWeights
+from deployments.common.weights_cache import LocalWeights, WeightsCache, WeightsProvider, content_name
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("diffusion_serve.stable_diffusion")
@@ -182,7 +184,7 @@ def run_sd_batch(
 class StableDiffusion:
     """SD1.5/SDXL replicas: `generate(job)` with the multiplexed model id set to `job.model.key()`."""
 
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, fetcher: DeploymentHandle | None = None) -> None:
         self.config = AppConfig.from_args(config)
         self.device, self.dtype = select_device(self.config.device.cuda_dtype)
         # Every torch call of this replica (loading, LoRA injection, batches) runs on this one
@@ -190,7 +192,9 @@ class StableDiffusion:
         # starts a second OpenMP team that fights the first for cores (measured: 2.5x slower).
         self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch", initializer=self._init_torch_thread)
         w = self.config.weights
-        self.weights = WeightsCache(w.cache_dir, self.config.network, w.max_cache_bytes, w.max_file_bytes, w.download_timeout_s, w.allow_pickle)
+        node_cache = WeightsCache(w.cache_dir / "node", self.config.network, w.max_cache_bytes, w.max_file_bytes, w.download_timeout_s, w.allow_pickle)
+        # Through the cluster's AdapterFetcher when there is one: one download per cluster.
+        self.weights: WeightsProvider = ClusterWeights(fetcher, node_cache) if fetcher else LocalWeights(node_cache)
         self.registry = ModelRegistry(self.config, self.weights)
         self.safety = SafetyChecker(self.config.safety_checker_source(), self.device, self.dtype)
         b = self.config.batching
@@ -224,7 +228,7 @@ class StableDiffusion:
     async def _resolve_loras(self, job: ImageJob) -> list[ResolvedLora]:
         """Local files for the job's LoRAs (fetched once per node), named by content."""
         files = await asyncio.gather(
-            *(resolve_weights_file(path, ("loras", i, "path"), self.weights) for i, (path, _) in enumerate(job.loras))
+            *(self.weights.get(path, ("loras", i, "path")) for i, (path, _) in enumerate(job.loras))
         )
         merged: dict[str, ResolvedLora] = {}
         for file, (_, scale) in zip(files, job.loras):
@@ -235,7 +239,7 @@ class StableDiffusion:
 
     async def _resolve_embeddings(self, job: ImageJob) -> list[ResolvedEmbedding]:
         files = await asyncio.gather(
-            *(resolve_weights_file(path, ("embeddings", i, "path"), self.weights, "learned_embeds.safetensors") for i, (path, _) in enumerate(job.embeddings))
+            *(self.weights.get(path, ("embeddings", i, "path"), "learned_embeds.safetensors") for i, (path, _) in enumerate(job.embeddings))
         )
         return [
             ResolvedEmbedding(await asyncio.to_thread(content_name, file), file, tokens)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.adapters import AdapterFetcher
 from deployments.stable_diffusion import StableDiffusion
 from serve_app.config import AppConfig
 from serve_app.router import Router
@@ -20,15 +21,16 @@ logger = logging.getLogger("diffusion_serve.app")
 
 
 def assemble(config: AppConfig, stable_diffusion_options: dict[str, Any] | None = None) -> Application:
-    """The application graph: Router -> StableDiffusion, both built from one config."""
+    """The application graph: Router -> StableDiffusion -> AdapterFetcher, all from one config."""
     if config.is_demo:
         logger.warning(
             "DEMO PROFILE: every model name is served by tiny random-weight stand-ins; images are noise. "
             "Use cluster/production.yaml for real weights."
         )
     settings = config.model_dump(mode="json")
+    fetcher = AdapterFetcher.bind(settings)
     stable_diffusion = StableDiffusion.options(**(stable_diffusion_options or {}))
-    return Router.bind(stable_diffusion.bind(settings), settings)
+    return Router.bind(stable_diffusion.bind(settings, fetcher), settings)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

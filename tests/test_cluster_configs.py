@@ -21,7 +21,7 @@ def test_serve_config_is_valid_and_builds(name, profile):
     assert app.import_path == "serve_app.app:build_app" and app.route_prefix == "/"
     config = AppConfig.from_args(app.args)
     assert config.profile == profile
-    assert {d.name for d in app.deployments} == {"Router", "StableDiffusion"}
+    assert {d.name for d in app.deployments} == {"Router", "StableDiffusion", "AdapterFetcher"}
     build_app(app.args)  # the same call `serve run` makes
 
 

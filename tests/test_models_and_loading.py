@@ -122,7 +122,7 @@ def test_tiled_decode_matches_the_whole_decode_closely():
 async def test_production_profile_loads_a_single_file_checkpoint_by_url(tmp_path, image_server, offline_hub):
     """A civitai-style checkpoint URL: downloaded once through the guard into the weights cache,
     opened with `from_single_file`. Same weights as the diffusers-layout stand-in: same image."""
-    from deployments.common.weights_cache import WeightsCache
+    from deployments.common.weights_cache import LocalWeights, WeightsCache
     from serve_app.url_guard import NetworkPolicy
     from tests.conftest import IMAGE_HOST
 
@@ -130,7 +130,7 @@ async def test_production_profile_loads_a_single_file_checkpoint_by_url(tmp_path
     url = image_server.add("/api/download/models/4242", single.read_bytes(), "application/octet-stream")
     policy = NetworkPolicy(allowed_networks=[f"{IMAGE_HOST}/32"])
     config = AppConfig(profile="production", network=policy.model_dump(mode="json"))
-    registry = ModelRegistry(config, WeightsCache(tmp_path / "weights", policy, 10**9, 10**8))
+    registry = ModelRegistry(config, LocalWeights(WeightsCache(tmp_path / "weights", policy, 10**9, 10**8)))
     resolved = await registry.resolve(ModelRef(url))
     assert resolved.base.kind == "single_file" and resolved.architecture == "sd"
     await registry.resolve(ModelRef(url))
@@ -148,14 +148,14 @@ async def test_a_url_that_is_not_a_checkpoint_is_a_422_naming_the_model(tmp_path
     """Valid safetensors, but no model in it: diffusers' converter rejects it, as a 422 naming it."""
     from safetensors.torch import save
 
-    from deployments.common.weights_cache import WeightsCache
+    from deployments.common.weights_cache import LocalWeights, WeightsCache
     from serve_app.url_guard import NetworkPolicy
     from tests.conftest import IMAGE_HOST
 
     url = image_server.add("/ckpt/tiny-sd15.safetensors", save({"w": torch.zeros(4)}), "application/octet-stream")
     config = AppConfig(profile="production", network={"allowed_networks": [f"{IMAGE_HOST}/32"]})
     cache = WeightsCache(tmp_path, NetworkPolicy(allowed_networks=[f"{IMAGE_HOST}/32"]), 10**8, 10**7)
-    registry = ModelRegistry(config, cache)
+    registry = ModelRegistry(config, LocalWeights(cache))
     resolved = await registry.resolve(ModelRef(url, architecture="sd"))
     assert resolved.base.kind == "single_file" and resolved.base.location.startswith(str(tmp_path))
     await registry.resolve(ModelRef(url, architecture="sd"))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from deployments.common.jobs import JobInputError, ModelRef
-from deployments.common.weights_cache import WeightsCache
+from deployments.common.weights_cache import WeightsProvider
 from deployments.tiny_models import ensure_tiny_model
 from serve_app.config import AppConfig
 
@@ -80,14 +80,14 @@ def _local_path(name: str) -> Path | None:
 class ModelRegistry:
     """Resolves model references for one replica; downloads only in the production profile."""
 
-    def __init__(self, config: AppConfig, weights: WeightsCache | None = None) -> None:
+    def __init__(self, config: AppConfig, weights: WeightsProvider | None = None) -> None:
         self.config = config
         self.weights = weights
 
     async def _download(self, url: str, field: tuple[str, ...]) -> Path:
         if self.weights is None:
             raise JobInputError(field, "URL checkpoints are not enabled on this server", "model_load_error")
-        return await self.weights.fetch(url, field)
+        return await self.weights.get(url, field)
 
     async def resolve(self, ref: ModelRef) -> ResolvedModel:
         name, variant, declared = ref.model_name, ref.variant, ref.architecture

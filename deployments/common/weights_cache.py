@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from deployments.common.jobs import JobInputError
 from serve_app.url_guard import NetworkPolicy, UrlFetchError, fetch_into
@@ -205,6 +206,29 @@ class WeightsCache:
             f.write(data)
         return await self._admit(Path(tmp_name), digest, len(data), key, field, shown="the inline file")
 
+    def path_of(self, digest: str) -> Path | None:
+        """The cached file with this content digest, if this node has it."""
+        for suffix in (".safetensors", ".pickle"):
+            path = self.directory / f"{digest}{suffix}"
+            if path.exists():
+                return path
+        return None
+
+    def link_in(self, key: str, source: Path, digest: str, size: int) -> Path | None:
+        """Register a validated file another cache on this node holds (a hard link: no copy, and
+        it outlives that cache's eviction). None when it is gone or on another filesystem."""
+        entry = _Entry(digest, source.suffix, size, time.time())
+        target = self._path(entry)
+        try:
+            if not target.exists():
+                os.link(source, target)
+        except OSError:
+            return None
+        self._urls[key] = entry
+        self._evict(keep=digest)
+        self._save_index()
+        return target
+
     def adopt(self, path: Path, field: tuple[str | int, ...]) -> Path:
         """A file another cache already holds (huggingface_hub's): validated, used in place."""
         try:
@@ -287,3 +311,19 @@ def _from_hub(repo: str, filename: str, field: tuple, cache: WeightsCache) -> Pa
     except Exception as exc:  # noqa: BLE001 - reported to the user
         raise JobInputError(field, f"could not fetch {repo}/{filename} from the Hugging Face hub ({type(exc).__name__})", "url_unreachable") from None
     return cache.adopt(Path(local), field)
+
+
+class WeightsProvider(Protocol):
+    """Where replicas get adapter and checkpoint files: `get(source, field) -> local Path`."""
+
+    async def get(self, source: str, field: tuple, default_file: str = "pytorch_lora_weights.safetensors") -> Path: ...
+
+
+class LocalWeights:
+    """Every replica fetches into its node's cache itself (no cluster-wide de-duplication)."""
+
+    def __init__(self, cache: WeightsCache) -> None:
+        self.cache = cache
+
+    async def get(self, source: str, field: tuple, default_file: str = "pytorch_lora_weights.safetensors") -> Path:
+        return await resolve_weights_file(source, field, self.cache, default_file)
