@@ -67,8 +67,9 @@ class AdapterFetcher:
             f.seek(offset)
             return f.read(min(length, CHUNK_BYTES))
 
-    def downloads(self) -> int:
-        return self.cache.downloads
+    def stats(self) -> dict[str, float]:
+        """The fetcher's cache counters (also exported to Prometheus through Ray's metrics agent)."""
+        return dict(self.cache.metrics.counts)
 
 
 class ClusterWeights:

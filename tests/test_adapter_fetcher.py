@@ -68,3 +68,13 @@ def test_fetch_errors_reach_the_caller_with_the_field(fetcher):
     with pytest.raises(JobInputError) as err:
         fetcher.fetch.remote("http://10.0.0.1/x.safetensors", ("loras", 2, "path"), "x").result()
     assert err.value.field == ("loras", 2, "path") and err.value.type == "url_forbidden"
+
+
+def test_the_fetcher_reports_its_cache_counters(fetcher, image_server, tmp_path):
+    before = fetcher.stats.remote().result()
+    url = image_server.add("/fetcher/stats.safetensors", lora_bytes("sd15-lora-kohya"), "application/octet-stream")
+    ray.get([replica_like_fetch.remote(fetcher, str(tmp_path / "stats-node"), url, 1)])
+    ray.get([replica_like_fetch.remote(fetcher, str(tmp_path / "stats-node-2"), url, 1)])
+    after = fetcher.stats.remote().result()
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] >= 1
+    assert after["bytes_fetched"] - before["bytes_fetched"] == len(lora_bytes("sd15-lora-kohya"))

@@ -130,3 +130,16 @@ async def test_forbidden_and_missing_urls(tmp_path, image_server):
     with pytest.raises(JobInputError) as err:
         await cache.fetch(f"http://{IMAGE_HOST}:{image_server.port}/weights/missing.safetensors", ("model_name",))
     assert err.value.type == "url_http_error" and "404" in err.value.msg
+
+
+async def test_the_cache_counts_hits_misses_bytes_and_evictions(tmp_path, image_server):
+    size = len(tensors(20))
+    cache = make_cache(tmp_path, max_cache_bytes=int(1.5 * size))
+    a = image_server.add("/weights/metrics-a.safetensors", tensors(20), "application/octet-stream")
+    b = image_server.add("/weights/metrics-b.safetensors", tensors(21), "application/octet-stream")
+    await cache.fetch(a, ("x",))
+    await cache.fetch(a, ("x",))
+    await cache.fetch(b, ("x",))  # evicts a
+    counts = cache.metrics.counts
+    assert (counts["misses"], counts["hits"], counts["evictions"]) == (2, 1, 1)
+    assert counts["bytes_fetched"] == 2 * size and counts["fetch_seconds"] > 0

@@ -99,6 +99,46 @@ def content_name(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+class CacheMetrics:
+    """Hits, misses, bytes fetched, fetch seconds and evictions of one weights cache.
+
+    Kept as plain counters (for `stats()`) and, inside a Ray worker, exported through Ray's
+    metrics agent to Prometheus (`ray_diffusion_serve_weights_cache_*`).
+    """
+
+    FETCH_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800]
+
+    def __init__(self, cache_name: str) -> None:
+        self.counts = {"hits": 0, "misses": 0, "bytes_fetched": 0, "evictions": 0, "fetch_seconds": 0.0}
+        self._tags = {"cache": cache_name}
+        self._ray = None
+        try:
+            import ray
+            from ray.util import metrics
+
+            if ray.is_initialized():
+                keys = ("cache",)
+                self._ray = {
+                    "hits": metrics.Counter("diffusion_serve_weights_cache_hits", "weights served from the cache", keys),
+                    "misses": metrics.Counter("diffusion_serve_weights_cache_misses", "weights that had to be fetched", keys),
+                    "bytes_fetched": metrics.Counter("diffusion_serve_weights_cache_fetched_bytes", "bytes downloaded", keys),
+                    "evictions": metrics.Counter("diffusion_serve_weights_cache_evictions", "files evicted", keys),
+                    "fetch_seconds": metrics.Histogram(
+                        "diffusion_serve_weights_cache_fetch_seconds", "time to fetch and validate a file", self.FETCH_BUCKETS, keys
+                    ),
+                }
+        except Exception:  # noqa: BLE001 - metrics must never break serving
+            self._ray = None
+
+    def count(self, name: str, value: float = 1) -> None:
+        self.counts[name] += value
+        if self._ray:
+            if name == "fetch_seconds":
+                self._ray[name].observe(value, tags=self._tags)
+            else:
+                self._ray[name].inc(value, tags=self._tags)
+
+
 @dataclass
 class _Entry:
     digest: str
@@ -128,6 +168,7 @@ class WeightsCache:
         self._urls: dict[str, _Entry] = self._load_index()
         self._inflight: dict[str, asyncio.Future[Path]] = {}
         self.downloads = 0  # completed downloads, for metrics and tests
+        self.metrics = CacheMetrics(self.directory.name)
 
     # --- index ---------------------------------------------------------------------------
 
@@ -159,9 +200,12 @@ class WeightsCache:
         """The local path of `url`'s validated weights; concurrent callers share one download."""
         path = self.cached(url)
         if path is not None:
+            self.metrics.count("hits")
             return path
         if url in self._inflight:
+            self.metrics.count("hits")  # someone else is fetching it: no second download
             return await asyncio.shield(self._inflight[url])
+        self.metrics.count("misses")
         future: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._inflight[url] = future
         try:
@@ -178,6 +222,7 @@ class WeightsCache:
     async def _download(self, url: str, field: tuple[str | int, ...]) -> Path:
         fd, tmp_name = tempfile.mkstemp(prefix=".download-", dir=self.directory)
         tmp = Path(tmp_name)
+        started = time.monotonic()
         try:
             with os.fdopen(fd, "wb") as sink:
                 info = await fetch_into(url, self.policy, self.max_file_bytes, sink, timeout_s=self.download_timeout_s)
@@ -189,6 +234,8 @@ class WeightsCache:
             raise
         path = await self._admit(tmp, info.sha256, info.size, url, field, shown=url.split("?")[0])
         self.downloads += 1
+        self.metrics.count("bytes_fetched", info.size)
+        self.metrics.count("fetch_seconds", time.monotonic() - started)
         logger.info("fetched %s (%d bytes, sha256 %s)", url.split("?")[0], info.size, info.sha256[:12])
         return path
 
@@ -274,6 +321,7 @@ class WeightsCache:
             self._path(entry).unlink(missing_ok=True)
             self._urls = {u: e for u, e in self._urls.items() if e.digest != entry.digest}
             total -= entry.size
+            self.metrics.count("evictions")
             logger.info("evicted %s (%d bytes)", entry.digest[:12], entry.size)
 
 
