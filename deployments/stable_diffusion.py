@@ -1,7 +1,8 @@
 """The StableDiffusion deployment: SD1.5 and SDXL text-to-image, image-to-image and inpainting.
 
-Base models sit in a per-replica LRU behind `@serve.multiplexed`, so Serve routes a request to a
-replica that already holds its model. The three modes share one set of weights (`from_pipe`).
+Requests carry a routing key (base model, plus the LoRA set when there is one) as their
+`@serve.multiplexed` model id, so Serve routes them to a replica that already holds that model and
+those adapters; the weights themselves sit in a per-replica LRU of base models (`ModelCache`). The three modes share one set of weights (`from_pipe`).
 Jobs queue in a keyed batcher; each batch is one pipeline call in a worker thread.
 """
 
@@ -25,6 +26,7 @@ from deployments.common.generation import StepLatents, expand, finish
 from deployments.common.jobs import ImageJob, JobInputError, JobResult, ModelRef, Mode
 from deployments.common.embeddings import LoadedEmbeddings, ResolvedEmbedding
 from deployments.common.lora import LoadedAdapters, ResolvedLora
+from deployments.common.model_cache import ModelCache
 from deployments.common.model_sources import ModelRegistry, ResolvedModel, WeightsSource
 from deployments.common.safety import SafetyChecker
 from deployments.common.schedulers import (
@@ -182,7 +184,7 @@ def run_sd_batch(
 
 @serve.deployment(name="StableDiffusion", max_ongoing_requests=64, graceful_shutdown_timeout_s=600)
 class StableDiffusion:
-    """SD1.5/SDXL replicas: `generate(job)` with the multiplexed model id set to `job.model.key()`."""
+    """SD1.5/SDXL replicas: `generate(job)` with the multiplexed model id set to `job.routing_key()`."""
 
     def __init__(self, config: dict[str, Any] | None = None, fetcher: DeploymentHandle | None = None) -> None:
         self.config = AppConfig.from_args(config)
@@ -207,15 +209,27 @@ class StableDiffusion:
             self._run_batch, limits, executor=self.torch_thread
         )
 
-        async def load(model_id: str) -> SDModel:
-            resolved = await self.registry.resolve(ModelRef.from_key(model_id))
+        async def load(model_key: str) -> SDModel:
+            resolved = await self.registry.resolve(ModelRef.from_key(model_key))
             return await asyncio.get_running_loop().run_in_executor(
                 self.torch_thread, load_sd_model, resolved, self.device, self.dtype, self.config.max_loras_per_model
             )
 
-        self.get_model = serve.multiplexed(max_num_models_per_replica=self.config.max_models_per_replica)(load)
+        # What stays in memory: base models, LRU.
+        self.models: ModelCache[SDModel] = ModelCache(self.config.max_models_per_replica, load, self._free_device_memory)
+
+        async def advertise(routing_key: str) -> str:
+            return routing_key  # the weights live in self.models; this only tells Serve's router
+
+        # Where requests go: Serve routes a routing key (base model + LoRA set) to replicas that
+        # advertised it, so LoRA requests find their adapters already injected.
+        self.get_routing_key = serve.multiplexed(max_num_models_per_replica=self.config.max_routing_keys_per_replica)(advertise)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         logger.info("StableDiffusion replica on %s (%s), profile %s", self.device, self.dtype, self.config.profile)
+
+    def _free_device_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _init_torch_thread(self) -> None:
         if self.device.type == "cpu" and self.config.device.cpu_threads:
@@ -247,7 +261,8 @@ class StableDiffusion:
         ]
 
     async def generate(self, job: ImageJob) -> JobResult:
-        model = await self.get_model(job.model.key())
+        await self.get_routing_key(serve.get_multiplexed_model_id() or job.routing_key())
+        model = await self.models.get(job.model.key())
         loras, embeddings = await asyncio.gather(self._resolve_loras(job), self._resolve_embeddings(job))
         # Adapters join the batch key by content (and scale/tokens), not by how they were spelled.
         key = (

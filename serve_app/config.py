@@ -109,6 +109,9 @@ class AppConfig(BaseSettings):
     models: dict[str, ModelAlias] = Field(default_factory=dict, description="operator aliases")
     max_models_per_replica: int = Field(2, description="base models a replica keeps loaded (LRU)")
     max_loras_per_model: int = Field(32, description="LoRAs a loaded model keeps injected (LRU)")
+    max_routing_keys_per_replica: int = Field(
+        64, description="base model + LoRA set combinations a replica advertises for affinity (LRU)"
+    )
     safety_checker: str | None = Field(
         None, description="safety checker model; default: tiny stand-in (demo) or CompVis's (production)"
     )

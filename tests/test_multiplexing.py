@@ -21,7 +21,15 @@ def two_replicas(stack, files_dir, test_ca):
     from serve_app.app import assemble
     from serve_app.config import AppConfig
 
-    config = AppConfig(profile="demo", files={"directory": str(files_dir)}, max_models_per_replica=1)
+    from tests.conftest import IMAGE_HOST
+
+    config = AppConfig(
+        profile="demo",
+        files={"directory": str(files_dir)},
+        max_models_per_replica=1,
+        network={"allowed_networks": [f"{IMAGE_HOST}/32"]},
+        weights={"cache_dir": str(files_dir.parent / "weights-mx")},
+    )
     app = assemble(config, {"num_replicas": 2, "ray_actor_options": {"num_gpus": 1, "num_cpus": 1}})
     serve.run(app, name="multiplexing", route_prefix="/mx")
     with httpx.Client(base_url=f"{stack}/mx", timeout=120, verify=test_ca.ssl_context()) as client:
@@ -46,3 +54,19 @@ def test_requests_stick_to_the_replica_that_holds_their_model(two_replicas):
     # Warm-up may try either replica first; after that each model stays where it is loaded.
     assert all(len(set(ids[2:])) == 1 for ids in served.values()), served
     assert set(served[models[0]][2:]).isdisjoint(served[models[1]][2:]), replicas
+
+
+def test_requests_with_the_same_lora_set_stick_to_one_replica(two_replicas, image_server):
+    from deployments.tiny_models import ensure_tiny_model
+
+    def url(name: str) -> str:
+        return image_server.add(f"/mx/{name}", next(ensure_tiny_model(name).glob("*.safetensors")).read_bytes())
+
+    sets = {"a": [{"path": url("sd15-lora-a"), "scale": 1.0}], "b": [{"path": url("sd15-lora-b"), "scale": 1.0}]}
+    served = collections.defaultdict(list)
+    for i in range(12):
+        name = "ab"[i % 2]
+        response = two_replicas.post("/fal-ai/lora", json={**body("runwayml/stable-diffusion-v1-5", i), "loras": sets[name]})
+        assert response.status_code == 200, response.text
+        served[name].append(response.headers["x-diffusion-serve-replica"])
+    assert all(len(set(ids[2:])) == 1 for ids in served.values()), served

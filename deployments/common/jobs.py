@@ -8,6 +8,7 @@ is the router's business.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -88,6 +89,15 @@ class ImageJob:
     enable_safety_checker: bool = False
     debug_latents: bool = False
     debug_per_pass_latents: bool = False
+
+    def routing_key(self) -> str:
+        """The multiplexed model id: the base model, plus the LoRA set when there is one, so that
+        requests for a LoRA set reach replicas that already hold it. Requests without LoRAs go to
+        any replica that holds the base model."""
+        if not self.loras:
+            return self.model.key()
+        digest = hashlib.sha256(repr(sorted(self.loras)).encode()).hexdigest()[:16]
+        return f"{self.model.key()}@{digest}"
 
     def batch_key(self) -> tuple:
         """Everything that is one value per pipeline call. Jobs with equal keys may share a call.

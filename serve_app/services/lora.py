@@ -165,7 +165,7 @@ class LoraService:
         job = await self.job(mode, body, base_url, request_id)
         t1 = time.perf_counter()
         result: JobResult = await call_model(
-            self.model, "generate", job, job.model.key(), self.config.limits.request_timeout_s, request_id
+            self.model, "generate", job, job.routing_key(), self.config.limits.request_timeout_s, request_id
         )
         t2 = time.perf_counter()
         output = await asyncio.to_thread(self.publish, result, body.image_format, body.sync_mode, base_url)
