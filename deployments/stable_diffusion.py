@@ -19,12 +19,13 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.adapters import ClusterWeights
 from deployments.common.batcher import BatchLimits, KeyedBatcher
 from deployments.common.compat import sd15_clip_skip_embeddings
 from deployments.common.devices import select_device
-from deployments.common.generation import StepLatents, expand, finish
-from deployments.common.jobs import ImageJob, JobInputError, JobResult, ModelRef, Mode
 from deployments.common.embeddings import LoadedEmbeddings, ResolvedEmbedding
+from deployments.common.generation import StepLatents, expand, finish
+from deployments.common.jobs import ImageJob, JobInputError, JobResult, Mode, ModelRef
 from deployments.common.lora import LoadedAdapters, ResolvedLora
 from deployments.common.model_cache import ModelCache
 from deployments.common.model_sources import ModelRegistry, ResolvedModel, WeightsSource
@@ -35,7 +36,6 @@ from deployments.common.schedulers import (
     scheduler_label,
     unsupported_schedule_argument,
 )
-from deployments.adapters import ClusterWeights
 from deployments.common.weights_cache import LocalWeights, WeightsCache, WeightsProvider, content_name
 from serve_app.config import AppConfig
 
@@ -66,7 +66,7 @@ def _load_unet(source: WeightsSource, dtype: torch.dtype):
         return UNet2DConditionModel.from_single_file(source.location, torch_dtype=dtype)
     try:
         return UNet2DConditionModel.from_pretrained(source.location, variant=source.variant, torch_dtype=dtype, use_safetensors=True)
-    except (OSError, EnvironmentError):
+    except OSError:
         # A full pipeline repo keeps its UNet in a subfolder.
         return UNet2DConditionModel.from_pretrained(
             source.location, subfolder="unet", variant=source.variant, torch_dtype=dtype, use_safetensors=True

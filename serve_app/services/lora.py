@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image as PILImage
 from ray.serve.handle import DeploymentHandle
 
-from deployments.common.jobs import ImageJob, JobResult, ModelRef, Mode, Tiling
+from deployments.common.jobs import ImageJob, JobResult, Mode, ModelRef, Tiling
 from serve_app.config import AppConfig
 from serve_app.errors import InputError
 from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, encode_image
