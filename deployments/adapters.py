@@ -10,7 +10,6 @@ its own node cache. Data URIs need no network and stay with the replica.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from deployments.common.weights_cache import WeightsCache, resolve_weights_file
+from deployments.common.weights_cache import WeightsCache, file_digest, resolve_weights_file
 from serve_app.config import AppConfig
 
 CHUNK_BYTES = 8 * 1024 * 1024
@@ -34,17 +33,6 @@ class FetchedFile:
     node_id: str
 
 
-def _digest_of(path: Path) -> str:
-    """The file's sha256 (cache files are already named by it; hub files are hashed)."""
-    if len(path.stem) == 64:
-        return path.stem
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @serve.deployment(name="AdapterFetcher", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 class AdapterFetcher:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
@@ -55,7 +43,7 @@ class AdapterFetcher:
 
     async def fetch(self, source: str, field: tuple, default_file: str) -> FetchedFile:
         path = await resolve_weights_file(source, field, self.cache, default_file)
-        digest = await asyncio.to_thread(_digest_of, path)
+        digest = await asyncio.to_thread(file_digest, path)
         return FetchedFile(digest, path.stat().st_size, str(path), self.node_id)
 
     async def read(self, path: str, offset: int, length: int) -> bytes:

@@ -54,10 +54,6 @@ class SDModel:
     adapters: LoadedAdapters
     embeddings: LoadedEmbeddings
 
-    @property
-    def architecture(self) -> str:
-        return self.resolved.architecture
-
 
 def _load_unet(source: WeightsSource, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel

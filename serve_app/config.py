@@ -40,7 +40,6 @@ class Limits(_Frozen):
     max_input_image_bytes: int = 25 * 1024 * 1024
     max_input_image_pixels: int = 4096 * 4096
     max_images_per_request: int = 8
-    max_inference_steps: int = 150
     max_loras: int = Field(16, description="LoRAs one request may combine")
     request_timeout_s: float = Field(600.0, description="longest a sync request may wait for its images")
 

@@ -9,7 +9,6 @@ here, so a bad input found late (a model that will not load) still reads like a 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from deployments.common.jobs import JobInputError
-
-logger = logging.getLogger("diffusion_serve.errors")
 
 
 class InputError(Exception):
@@ -87,9 +84,5 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _fal(request: Request, exc: FalError) -> JSONResponse:
         return fal_error_response(exc)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return fal_error_response(
-            FalError(500, "Internal server error; the request id identifies it in the logs", "internal_error")
-        )
+    # Anything else is caught by the router's RequestIdMiddleware, which answers a fal-style 500
+    # that still carries the request id.

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import collections
-import io
 import datetime
+import io
 import ipaddress
 import socket
 import ssl

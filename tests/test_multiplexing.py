@@ -20,7 +20,6 @@ def two_replicas(stack, files_dir, test_ca):
 
     from serve_app.app import assemble
     from serve_app.config import AppConfig
-
     from tests.conftest import IMAGE_HOST
 
     config = AppConfig(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import pickle
 import struct
 import zipfile
-import io
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ from deployments.common.jobs import JobInputError
 from deployments.common.weights_cache import WeightsCache, WeightsFormatError, validate_weights_file
 from serve_app.url_guard import NetworkPolicy
 from tests.conftest import IMAGE_HOST
+
 
 def _with_header(header: bytes, data: bytes) -> bytes:
     return struct.pack("<Q", len(header)) + header + data

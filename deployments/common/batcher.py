@@ -55,13 +55,11 @@ class KeyedBatcher(Generic[Item, Result]):
         self,
         run_batch: Callable[[list[Item]], Sequence[Result | BaseException]],
         limits: BatchLimits,
-        on_batch: Callable[[int, float], None] | None = None,
         executor: Executor | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor  # where calls run; None: asyncio's default thread pool
         self._limits = limits
-        self._on_batch = on_batch
         self._queues: OrderedDict[Hashable, list[_Pending[Item]]] = OrderedDict()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -149,7 +147,6 @@ class KeyedBatcher(Generic[Item, Result]):
             self._demand[key] = max(1, len(batch) + len(self._queues.get(key, ())))
 
     async def _run(self, batch: list[_Pending[Item]]) -> None:
-        started = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
             results: Sequence[Any] = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
@@ -157,8 +154,6 @@ class KeyedBatcher(Generic[Item, Result]):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except BaseException as exc:  # noqa: BLE001 - every caller must hear about it
             results = [exc] * len(batch)
-        if self._on_batch:
-            self._on_batch(len(batch), time.monotonic() - started)
         for p, result in zip(batch, results):
             if p.future.done():
                 continue

@@ -82,16 +82,19 @@ def finish(
     cpu_latents = latents.detach().to("cpu", torch.float32)
     per_step = torch.stack(step_latents.steps) if step_latents and step_latents.steps else None
     elapsed = time.monotonic() - started
+    # One safety-checker call for every image whose job asked for it.
+    checked = [i for i, owner in enumerate(items.owners) if jobs[owner].enable_safety_checker]
+    flags = [False] * len(images)
+    for i, flagged in zip(checked, safety.flags([images[i] for i in checked])):
+        flags[i] = flagged
+    images = [blacken(im) if flagged else im for im, flagged in zip(images, flags)]
     results = []
     for index, job in enumerate(jobs):
         mine = [i for i, owner in enumerate(items.owners) if owner == index]
-        own_images = [images[i] for i in mine]
-        flags = safety.flags(own_images) if job.enable_safety_checker else [False] * len(own_images)
-        own_images = [blacken(im) if flagged else im for im, flagged in zip(own_images, flags)]
         results.append(
             JobResult(
-                images=[np.asarray(im, dtype=np.uint8) for im in own_images],
-                has_nsfw_concepts=flags,
+                images=[np.asarray(images[i], dtype=np.uint8) for i in mine],
+                has_nsfw_concepts=[flags[i] for i in mine],
                 seed=job.seed,
                 debug_latents=_latents_file(cpu_latents[mine]) if job.debug_latents else None,
                 debug_per_pass_latents=_latents_file(per_step[:, mine]) if per_step is not None and job.debug_per_pass_latents else None,

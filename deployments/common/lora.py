@@ -40,17 +40,14 @@ class LoadedAdapters:
         return list(self._loaded)
 
     def _load(self, lora: ResolvedLora, field: tuple) -> None:
-        before = set(self.pipe.get_list_adapters().get("unet", [])) if self._loaded else set()
         try:
             self.pipe.load_lora_weights(str(lora.path), adapter_name=lora.name)
         except Exception as exc:  # noqa: BLE001 - a LoRA that does not fit is the request's fault
             self._forget(lora.name)
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise JobInputError(field, f"this LoRA does not fit the base model ({reason}); is it for the other architecture?", "lora_incompatible") from None
-        adapters = self.pipe.get_list_adapters()
-        if not any(lora.name in names for names in adapters.values()) or (
-            lora.name not in adapters.get("unet", []) and set(adapters.get("unet", [])) == before
-        ):
+        # diffusers skips keys that fit nothing; a LoRA must land in the UNet to be one.
+        if lora.name not in self.pipe.get_list_adapters().get("unet", []):
             self._forget(lora.name)
             raise JobInputError(field, "no key of this LoRA fits a layer of the base model; is it for the other architecture?", "lora_incompatible")
         self._loaded[lora.name] = lora.path

@@ -88,15 +88,20 @@ def validate_weights_file(path: Path, allow_pickle: bool = False) -> str:
     return "safetensors"
 
 
-def content_name(path: Path) -> str:
-    """A short stable name for a weights file: its digest (the cache's file names already are one)."""
+def file_digest(path: Path) -> str:
+    """A weights file's sha256 (cache files are named by it already; others are hashed)."""
     if len(path.stem) == 64 and all(c in "0123456789abcdef" for c in path.stem):
-        return path.stem[:16]
+        return path.stem
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def content_name(path: Path) -> str:
+    """A short stable name for a weights file (adapter names), from its digest."""
+    return file_digest(path)[:16]
 
 
 class CacheMetrics:

@@ -14,16 +14,12 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from deployments.common.jobs import JobInputError
 from serve_app.errors import FalError, InputError
 
 logger = logging.getLogger("diffusion_serve.dispatch")
-
-try:  # Ray >= 2.10
-    from ray.serve.exceptions import BackPressureError
-except ImportError:  # pragma: no cover
-    BackPressureError = ()  # type: ignore[assignment]
 
 
 async def call_model(
