@@ -22,6 +22,13 @@ from ray.serve.handle import DeploymentHandle
 from deployments.adapters import ClusterWeights
 from deployments.common.batcher import BatchLimits, KeyedBatcher
 from deployments.common.compat import sd15_clip_skip_embeddings
+from deployments.common.controlnets import (
+    LoadedControlNets,
+    ResolvedControlNet,
+    control_batch,
+    mask_tensor,
+    resolve_controlnet,
+)
 from deployments.common.devices import select_device
 from deployments.common.embeddings import LoadedEmbeddings, ResolvedEmbedding
 from deployments.common.generation import StepLatents, expand, finish
@@ -41,7 +48,23 @@ from serve_app.config import AppConfig
 
 logger = logging.getLogger("diffusion_serve.stable_diffusion")
 
-Adapters = tuple[list[ResolvedLora], list[ResolvedEmbedding]]
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """A job's adapters, resolved to local files named by content."""
+
+    loras: list[ResolvedLora]
+    embeddings: list[ResolvedEmbedding]
+    controlnets: list[ResolvedControlNet]
+
+    def key(self) -> tuple:
+        """The part of the batch key the adapters make: equal content, equal key."""
+        return (
+            tuple((lora.name, lora.scale) for lora in self.loras),
+            tuple((e.name, e.tokens) for e in self.embeddings),
+            tuple(c.name for c in self.controlnets),
+        )
 
 
 @dataclass
@@ -53,6 +76,7 @@ class SDModel:
     default_scheduler: Any
     adapters: LoadedAdapters
     embeddings: LoadedEmbeddings
+    controlnets: LoadedControlNets
 
 
 def _load_unet(source: WeightsSource, dtype: torch.dtype):
@@ -74,7 +98,9 @@ def _load_error(field: str, what: str, exc: Exception) -> JobInputError:
     return JobInputError((field,), f"{what} could not be loaded: {reason}", "model_load_error")
 
 
-def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dtype, max_loras: int = 32) -> SDModel:
+def load_sd_model(
+    resolved: ResolvedModel, device: torch.device, dtype: torch.dtype, max_loras: int = 32, max_controlnets: int = 4
+) -> SDModel:
     from diffusers import (
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
@@ -112,7 +138,14 @@ def load_sd_model(resolved: ResolvedModel, device: torch.device, dtype: torch.dt
     for p in pipelines.values():
         p.set_progress_bar_config(disable=True)
     logger.info("loaded %s (%s) on %s as %s", resolved.ref.model_name, resolved.architecture, device, dtype)
-    return SDModel(resolved, pipelines, pipe.scheduler, LoadedAdapters(pipe, max_loras), LoadedEmbeddings(pipe))
+    return SDModel(
+        resolved,
+        pipelines,
+        pipe.scheduler,
+        LoadedAdapters(pipe, max_loras),
+        LoadedEmbeddings(pipe),
+        LoadedControlNets(pipe, device, dtype, max_controlnets),
+    )
 
 
 def _prompt_kwargs(pipe, job: ImageJob, prompts: list[str], negatives: list[str]) -> dict[str, Any]:
@@ -126,20 +159,34 @@ def _prompt_kwargs(pipe, job: ImageJob, prompts: list[str], negatives: list[str]
     return encode_prompts(pipe, prompts, negatives, clip_skip=clip_skip, do_classifier_free_guidance=job.guidance_scale > 1)
 
 
-def run_sd_batch(
-    model: SDModel,
-    jobs: list[ImageJob],
-    safety: SafetyChecker,
-    loras: list[ResolvedLora] | None = None,
-    embeddings: list[ResolvedEmbedding] | None = None,
-) -> list[JobResult]:
+def _fields(name: str, n: int) -> list[tuple]:
+    return [(name, i, "path") for i in range(n)]
+
+
+def _controlnet_kwargs(pipe, job: ImageJob, items) -> dict[str, Any]:
+    """Per-ControlNet images (one per batch item), scales, schedule and masks."""
+    images = [control_batch(per_item) for per_item in items.control_images]
+    pipe.controlnet.masks = [mask_tensor(masks, job.height, job.width) for masks in items.control_masks]
+    return {
+        "image" if job.mode == "text-to-image" else "control_image": images,
+        "controlnet_conditioning_scale": [c.conditioning_scale for c in job.controlnets],
+        "control_guidance_start": [c.start for c in job.controlnets],
+        "control_guidance_end": [c.end for c in job.controlnets],
+        "guess_mode": job.controlnet_guess_mode,
+    }
+
+
+def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, adapters: Adapters | None = None) -> list[JobResult]:
     """One pipeline call for jobs that share a batch key (and so the same adapters)."""
     started = time.monotonic()
     job = jobs[0]
-    embeddings = embeddings or []
-    model.embeddings.activate(embeddings, [("embeddings", i, "path") for i in range(len(embeddings))])
-    model.adapters.activate(loras or [], [("loras", i, "path") for i in range(len(loras or []))])
-    pipe = model.pipelines[job.mode]
+    adapters = adapters or Adapters([], [], [])
+    model.embeddings.activate(adapters.embeddings, _fields("embeddings", len(adapters.embeddings)))
+    model.adapters.activate(adapters.loras, _fields("loras", len(adapters.loras)))
+    if adapters.controlnets:
+        pipe = model.controlnets.pipeline(job.mode, adapters.controlnets, _fields("controlnets", len(adapters.controlnets)))
+    else:
+        pipe = model.pipelines[job.mode]
     choice = SchedulerChoice(job.scheduler, job.prediction_type, job.rescale_betas_snr_zero)
     bad = unsupported_schedule_argument(model.default_scheduler, choice, bool(job.timesteps), bool(job.sigmas))
     if bad:
@@ -166,6 +213,8 @@ def run_sd_batch(
         kwargs.update(image=items.images, strength=job.strength)
     if job.mode == "inpaint":
         kwargs.update(mask_image=items.masks, height=job.height, width=job.width)
+    if adapters.controlnets:
+        kwargs.update(_controlnet_kwargs(pipe, job, items))
     step_latents = StepLatents() if job.debug_per_pass_latents else None
     if step_latents:
         kwargs["callback_on_step_end"] = step_latents
@@ -208,7 +257,13 @@ class StableDiffusion:
         async def load(model_key: str) -> SDModel:
             resolved = await self.registry.resolve(ModelRef.from_key(model_key))
             return await asyncio.get_running_loop().run_in_executor(
-                self.torch_thread, load_sd_model, resolved, self.device, self.dtype, self.config.max_loras_per_model
+                self.torch_thread,
+                load_sd_model,
+                resolved,
+                self.device,
+                self.dtype,
+                self.config.max_loras_per_model,
+                self.config.max_controlnets_per_model,
             )
 
         # What stays in memory: base models, LRU.
@@ -232,8 +287,8 @@ class StableDiffusion:
             torch.set_num_threads(self.config.device.cpu_threads)  # per thread under OpenMP
 
     def _run_batch(self, items: list[tuple[SDModel, ImageJob, Adapters]]) -> list[JobResult]:
-        model, _, (loras, embeddings) = items[0]
-        return run_sd_batch(model, [job for _, job, _ in items], self.safety, loras, embeddings)
+        model, _, adapters = items[0]
+        return run_sd_batch(model, [job for _, job, _ in items], self.safety, adapters)
 
     async def _resolve_loras(self, job: ImageJob) -> list[ResolvedLora]:
         """Local files for the job's LoRAs (fetched once per node), named by content."""
@@ -256,17 +311,23 @@ class StableDiffusion:
             for file, (_, tokens) in zip(files, job.embeddings)
         ]
 
+    async def _resolve_controlnets(self, job: ImageJob) -> list[ResolvedControlNet]:
+        return list(
+            await asyncio.gather(
+                *(resolve_controlnet(self.weights, c.path, c.config, c.variant, ("controlnets", i, "path")) for i, c in enumerate(job.controlnets))
+            )
+        )
+
     async def generate(self, job: ImageJob) -> JobResult:
         await self.get_routing_key(serve.get_multiplexed_model_id() or job.routing_key())
         model = await self.models.get(job.model.key())
-        loras, embeddings = await asyncio.gather(self._resolve_loras(job), self._resolve_embeddings(job))
-        # Adapters join the batch key by content (and scale/tokens), not by how they were spelled.
-        key = (
-            *job.batch_key(),
-            tuple((lora.name, lora.scale) for lora in loras),
-            tuple((e.name, e.tokens) for e in embeddings),
+        loras, embeddings, controlnets = await asyncio.gather(
+            self._resolve_loras(job), self._resolve_embeddings(job), self._resolve_controlnets(job)
         )
-        result = await self.batcher.submit(key, (model, job, (loras, embeddings)), job.cost(), job.num_images)
+        adapters = Adapters(loras, embeddings, controlnets)
+        # Adapters join the batch key by content (and scale/tokens), not by how they were spelled.
+        key = (*job.batch_key(), *adapters.key())
+        result = await self.batcher.submit(key, (model, job, adapters), job.cost(), job.num_images)
         result.replica = self.replica_id
         return result
 

@@ -476,6 +476,100 @@ def _build_embedding(out: Path, architecture: str, seed: int) -> None:
     save_file(state, out / "embedding.safetensors")
 
 
+def _build_controlnet(out: Path, architecture: str, seed: int) -> None:
+    """A ControlNet for the tiny base (diffusers layout: `config.json` + safetensors).
+
+    `from_unet` copies the base UNet's encoder; its zero convolutions would make the ControlNet a
+    no-op, so they get random weights, and its conditioning encoder a signal-preserving init: the
+    control image then visibly steers the result."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_model(architecture) / "unet")
+    controlnet = ControlNetModel.from_unet(unet)
+    g = torch.Generator().manual_seed(seed)
+    embedding = controlnet.controlnet_cond_embedding
+    with torch.no_grad():
+        # He-initialised conditioning encoder: at toy width the default init fades the control
+        # image to almost nothing by the time it reaches the UNet's features.
+        for conv in [embedding.conv_in, *embedding.blocks, embedding.conv_out]:
+            fan_in = conv.weight[0].numel()
+            gain = 2.0 if conv is not embedding.conv_out else 36.0  # control features ~ the latent's
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (gain / fan_in) ** 0.5)
+            conv.bias.zero_()
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.2)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.05)
+    controlnet.save_pretrained(out, safe_serialization=True)
+
+
+def build_image_encoder(out: Path) -> None:
+    """The CLIP vision tower IP-Adapters read images with (h94/IP-Adapter's `image_encoder`), at
+    toy width, with its image processor, in the transformers layout."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(70)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(out, safe_serialization=True)
+    CLIPImageProcessor(
+        crop_size={"height": 32, "width": 32},
+        size={"shortest_edge": 32},
+        do_center_crop=True,
+        do_resize=True,
+        do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    ).save_pretrained(out)
+
+
+def _build_ip_adapter(out: Path, architecture: str, seed: int, image_embed_dim: int = 32) -> None:
+    """An IP-Adapter (the original, 4 image tokens) as h94/IP-Adapter ships it: one safetensors.
+
+    Keys follow the original numbering diffusers converts from: `image_proj.proj` / `.norm`, and
+    `ip_adapter.{1,3,5,...}.to_{k,v}_ip` for each cross-attention layer in the UNet's processor
+    order. Weights are larger than a trained adapter's so that the reference image visibly steers
+    the toy UNet."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_model(architecture) / "unet")
+    cross_dim = unet.config.cross_attention_dim
+    channels = list(unet.config.block_out_channels)
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "image_proj.proj.weight": torch.randn(4 * cross_dim, image_embed_dim, generator=g) / image_embed_dim**0.5,
+        "image_proj.proj.bias": torch.randn(4 * cross_dim, generator=g) * 0.1,
+        "image_proj.norm.weight": 1.0 + torch.randn(cross_dim, generator=g) * 0.1,
+        "image_proj.norm.bias": torch.randn(cross_dim, generator=g) * 0.1,
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue  # self-attention gets no image tokens
+        block = name.split(".")
+        if block[0] == "mid_block":
+            hidden = channels[-1]
+        elif block[0] == "up_blocks":
+            hidden = channels[::-1][int(block[1])]
+        else:
+            hidden = channels[int(block[1])]
+        for kind in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{key_id}.{kind}.weight"] = torch.randn(hidden, cross_dim, generator=g) * 2.0 / cross_dim**0.5
+        key_id += 2
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sorted(state.items())}, out / "ip-adapter.safetensors")
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
@@ -491,6 +585,12 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "sdxl-lora-kohya": lambda out: _build_lora(out, "sdxl", 42, kohya=True),
     "sd15-embedding": lambda out: _build_embedding(out, "sd15", 50),
     "sdxl-embedding": lambda out: _build_embedding(out, "sdxl", 51),
+    "sd15-controlnet": lambda out: _build_controlnet(out, "sd15", 60),
+    "sdxl-controlnet": lambda out: _build_controlnet(out, "sdxl", 61),
+    # IP-Adapters: one CLIP image encoder (as h94/IP-Adapter's models/image_encoder) for both.
+    "tiny-image-encoder": build_image_encoder,
+    "sd15-ip-adapter": lambda out: _build_ip_adapter(out, "sd15", 71),
+    "sdxl-ip-adapter": lambda out: _build_ip_adapter(out, "sdxl", 72),
 }
 
 

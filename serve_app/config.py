@@ -41,6 +41,10 @@ class Limits(_Frozen):
     max_input_image_pixels: int = 4096 * 4096
     max_images_per_request: int = 8
     max_loras: int = Field(16, description="LoRAs one request may combine")
+    max_controlnets: int = Field(4, description="ControlNets one request may combine")
+    max_ip_adapters: int = Field(4, description="IP-Adapters one request may combine")
+    max_ip_adapter_images: int = Field(8, description="images one IP-Adapter entry may carry")
+    max_config_bytes: int = Field(1024 * 1024, description="largest config.json a request may point at")
     request_timeout_s: float = Field(600.0, description="longest a sync request may wait for its images")
 
 
@@ -108,6 +112,7 @@ class AppConfig(BaseSettings):
     models: dict[str, ModelAlias] = Field(default_factory=dict, description="operator aliases")
     max_models_per_replica: int = Field(2, description="base models a replica keeps loaded (LRU)")
     max_loras_per_model: int = Field(32, description="LoRAs a loaded model keeps injected (LRU)")
+    max_controlnets_per_model: int = Field(4, ge=1, description="ControlNets a loaded model keeps on its device (LRU)")
     max_routing_keys_per_replica: int = Field(
         64, description="base model + LoRA set combinations a replica advertises for affinity (LRU)"
     )

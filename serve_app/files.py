@@ -183,8 +183,8 @@ class InputFiles:
         self.config = config
         self.store = store
 
-    async def read(self, url: str, loc: list[str | int], base_url: str) -> bytes:
-        limit = self.config.limits.max_input_image_bytes
+    async def read(self, url: str, loc: list[str | int], base_url: str, limit: int | None = None) -> bytes:
+        limit = limit or self.config.limits.max_input_image_bytes
         if url.startswith("data:"):
             return self._decode_data_uri(url, loc, limit)
         own = self.store.name_from_url(url, base_url)

@@ -187,3 +187,25 @@ async def test_sd15_clip_skip_matches_the_prompt_weighting_encoder_for_plain_pro
     weighted = encode_prompts(pipe, ["photo of a cat"], ["blurry"], clip_skip=1, do_classifier_free_guidance=True)
     assert torch.allclose(ours["prompt_embeds"], weighted["prompt_embeds"], atol=1e-5)
     assert torch.allclose(ours["negative_prompt_embeds"], weighted["negative_prompt_embeds"], atol=1e-5)
+
+
+async def test_a_controlnet_named_by_hub_id_loads_with_the_repo_config(offline_hub, tmp_path):
+    """`path: owner/name` fetches the repo's weights and config.json through huggingface_hub."""
+    from deployments.common.controlnets import resolve_controlnet
+    from deployments.common.jobs import ControlNetInput
+    from deployments.common.weights_cache import LocalWeights, WeightsCache
+    from deployments.stable_diffusion import Adapters
+
+    _add_to_hub(offline_hub, "test-org/tiny-controlnet", ensure_tiny_model("sd15-controlnet"))
+    config = AppConfig(profile="production")
+    weights = LocalWeights(WeightsCache(tmp_path / "weights", config.network, 10**9, 10**9, 30, False))
+    controlnet = await resolve_controlnet(weights, "test-org/tiny-controlnet", None, None, ("controlnets", 0, "path"))
+    assert json.loads(controlnet.config)["_class_name"] == "ControlNetModel"
+    device, dtype = select_device("float16")
+    model = load_sd_model(await ModelRegistry(config).resolve(ModelRef(str(ensure_tiny_model("sd15")))), device, dtype)
+    safety = SafetyChecker("tiny:safety-checker", device, dtype)
+    control = ControlNetInput("test-org/tiny-controlnet", image=np.full((64, 64, 3), 255, np.uint8))
+    job = _job(model.resolved.ref, controlnets=(control,))
+    steered = run_sd_batch(model, [job], safety, Adapters([], [], [controlnet]))[0].images[0]
+    plain = run_sd_batch(model, [_job(model.resolved.ref)], safety)[0].images[0]
+    assert np.abs(steered.astype(float) - plain).mean() > 0.5

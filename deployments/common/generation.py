@@ -31,6 +31,12 @@ class BatchItems:
     images: list[Image.Image] = field(default_factory=list)
     masks: list[Image.Image] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)  # index of the job each item belongs to
+    # Per ControlNet k: each item's conditioning image and mask (None: the whole image).
+    control_images: list[list[Image.Image]] = field(default_factory=list)
+    control_masks: list[list[Image.Image | None]] = field(default_factory=list)
+    # Per item, per IP-Adapter k: its images and mask.
+    ip_images: list[list[list[Image.Image]]] = field(default_factory=list)
+    ip_masks: list[list[Image.Image | None]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -38,10 +44,20 @@ class BatchItems:
 
 def expand(jobs: list[ImageJob]) -> BatchItems:
     items = BatchItems()
+    items.control_images = [[] for _ in jobs[0].controlnets]
+    items.control_masks = [[] for _ in jobs[0].controlnets]
     for index, job in enumerate(jobs):
         image = to_pil_rgb(job.image) if job.image is not None else None
         mask = to_pil_mask(job.mask) if job.mask is not None else None
+        controls = [(to_pil_rgb(c.image), to_pil_mask(c.mask) if c.mask is not None else None) for c in job.controlnets]
+        ip_images = [[to_pil_rgb(im) for im in a.images] for a in job.ip_adapters]
+        ip_masks = [to_pil_mask(a.mask) if a.mask is not None else None for a in job.ip_adapters]
         for seed in job.image_seeds():
+            for k, (control, control_mask) in enumerate(controls):
+                items.control_images[k].append(control)
+                items.control_masks[k].append(control_mask)
+            items.ip_images.append(ip_images)
+            items.ip_masks.append(ip_masks)
             items.prompts.append(job.prompt)
             items.negative_prompts.append(job.negative_prompt)
             items.generators.append(torch.Generator("cpu").manual_seed(seed))

@@ -59,6 +59,43 @@ class Tiling:
     stride_height: int = 2048
 
 
+@dataclass(frozen=True)
+class ControlNetInput:
+    """One ControlNet of a job; its image (and mask) already at the job's size."""
+
+    path: str
+    image: np.ndarray = field(compare=False, repr=False)  # HxWx3 uint8
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # HxW uint8, white = steer here
+    config: str | None = None  # config.json text fetched from config_url
+    variant: str | None = None
+    conditioning_scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def settings(self) -> tuple:
+        """What must be equal for two jobs to share a pipeline call (the images may differ)."""
+        return (self.conditioning_scale, self.start, self.end)
+
+
+@dataclass(frozen=True)
+class IPAdapterInput:
+    """One IP-Adapter of a job: where its weights and image encoder are, and its images."""
+
+    path: str
+    images: tuple[np.ndarray, ...] = field(compare=False, repr=False)  # HxWx3 uint8 each
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # HxW uint8 at the job's size
+    model_subfolder: str | None = None
+    weight_name: str | None = None
+    image_encoder_path: str | None = None
+    image_encoder_subpath: str | None = None
+    image_encoder_weight_name: str | None = None
+    scale: float = 1.0
+    scale_json: str | None = None  # per-block scales, as JSON text
+
+    def settings(self) -> tuple:
+        return (self.scale, self.scale_json, len(self.images))
+
+
 @dataclass
 class ImageJob:
     request_id: str
@@ -82,6 +119,9 @@ class ImageJob:
     prompt_weighting: bool = False
     loras: tuple[tuple[str, float], ...] = ()  # (path as the user gave it, scale)
     embeddings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (path, tokens)
+    controlnets: tuple[ControlNetInput, ...] = ()
+    controlnet_guess_mode: bool = False
+    ip_adapters: tuple[IPAdapterInput, ...] = ()
     tiling: Tiling = field(default_factory=Tiling)
     strength: float = 1.0
     image: np.ndarray | None = None  # HxWx3 uint8, already at (width, height)
@@ -91,18 +131,24 @@ class ImageJob:
     debug_per_pass_latents: bool = False
 
     def routing_key(self) -> str:
-        """The multiplexed model id: the base model, plus the LoRA set when there is one, so that
-        requests for a LoRA set reach replicas that already hold it. Requests without LoRAs go to
-        any replica that holds the base model."""
-        if not self.loras:
+        """The multiplexed model id: the base model, plus the adapter set when there is one, so that
+        requests for a LoRA set (or ControlNets, IP-Adapters) reach replicas that already hold it.
+        Requests without adapters go to any replica that holds the base model."""
+        adapters = (
+            sorted(self.loras),
+            sorted(c.path for c in self.controlnets),
+            sorted((a.path, a.model_subfolder, a.weight_name) for a in self.ip_adapters),
+        )
+        if not any(adapters):
             return self.model.key()
-        digest = hashlib.sha256(repr(sorted(self.loras)).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(repr(adapters).encode()).hexdigest()[:16]
         return f"{self.model.key()}@{digest}"
 
     def batch_key(self) -> tuple:
         """Everything that is one value per pipeline call. Jobs with equal keys may share a call.
 
-        The model deployment adds the LoRA set and embeddings once it has resolved them to files."""
+        The model deployment adds the adapters (LoRAs, embeddings, ControlNets, IP-Adapters) by
+        content once it has resolved them to files."""
         return (
             self.model.key(),
             self.mode,
@@ -122,6 +168,9 @@ class ImageJob:
             self.strength if self.mode != "text-to-image" else None,
             # Per-pass latents are collected by a step callback for the whole call.
             self.debug_per_pass_latents,
+            tuple(c.settings() for c in self.controlnets),
+            self.controlnet_guess_mode if self.controlnets else None,
+            tuple(a.settings() for a in self.ip_adapters),
         )
 
     def cost(self) -> float:

@@ -8,6 +8,7 @@ images. Engine code never sees HTTP; this class never sees a tensor.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import secrets
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image as PILImage
 from ray.serve.handle import DeploymentHandle
 
-from deployments.common.jobs import ImageJob, JobResult, Mode, ModelRef, Tiling
+from deployments.common.jobs import ControlNetInput, ImageJob, JobResult, Mode, ModelRef, Tiling
 from serve_app.config import AppConfig
 from serve_app.errors import InputError
 from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, encode_image
@@ -28,10 +29,14 @@ from serve_app.services.dispatch import call_model
 
 LoraInput = LoraTextToImageInput | LoraImageToImageInput | LoraInpaintInput
 
-# These adapter lists arrive with the adapter fetcher; until then they are refused, never ignored.
-NOT_YET_SERVED = ("controlnets", "ip_adapter")
+# Refused, never ignored, until they are served.
+NOT_YET_SERVED = ("ip_adapter",)
 TOKEN = re.compile(r"^\S{1,64}$")
 IC_LIGHT = ("ic_light_model_url", "ic_light_model_background_image_url", "ic_light_image_url")
+
+
+async def _none() -> None:
+    return None
 
 
 @dataclass
@@ -39,6 +44,18 @@ class Published:
     output: LoraOutput
     result: JobResult
     phases_ms: dict[str, float]  # where the router's time went, for the Server-Timing header
+
+
+def _fit(image: InputImage, width: int, height: int) -> np.ndarray:
+    """A conditioning image or mask at the output's size (what the pipeline would resize it to)."""
+    if image.size == (width, height):
+        return image.pixels
+    return np.asarray(PILImage.fromarray(image.pixels).resize((width, height), PILImage.Resampling.BILINEAR))
+
+
+def _check_scale(value: float, loc: list[str | int], bound: float = 10.0) -> None:
+    if not math.isfinite(value) or abs(value) > bound:
+        raise InputError(loc, f"must be a number between -{bound:g} and {bound:g}", "value_error")
 
 
 def _round_to_8(image: InputImage) -> np.ndarray:
@@ -109,6 +126,51 @@ class LoraService:
             )
         return strength
 
+    def _check_controlnets(self, body: LoraInput) -> None:
+        if len(body.controlnets) > self.config.limits.max_controlnets:
+            raise InputError(["body", "controlnets"], f"at most {self.config.limits.max_controlnets} ControlNets per request", "value_error")
+        for i, c in enumerate(body.controlnets):
+            _check_scale(c.conditioning_scale, ["body", "controlnets", i, "conditioning_scale"])
+            if c.start_percentage >= c.end_percentage:
+                raise InputError(["body", "controlnets", i, "end_percentage"], "end_percentage must be greater than start_percentage", "value_error")
+            if c.ip_adapter_index is not None:
+                raise InputError(
+                    ["body", "controlnets", i, "ip_adapter_index"], "InstantID ControlNets (ip_adapter_index) are not served by this server", "not_supported"
+                )
+
+    async def _controlnets(self, body: LoraInput, base_url: str, width: int, height: int) -> tuple[ControlNetInput, ...]:
+        """Fetch every ControlNet's image, mask and config at once; images come at the output size."""
+
+        async def one(i: int, c) -> ControlNetInput:
+            loc = ["body", "controlnets", i]
+            image, mask, config = await asyncio.gather(
+                self.inputs.image(c.image_url, [*loc, "image_url"], base_url),
+                self.inputs.image(c.mask_url, [*loc, "mask_url"], base_url, mode="L") if c.mask_url else _none(),
+                self._config(c.config_url, [*loc, "config_url"], base_url) if c.config_url else _none(),
+            )
+            return ControlNetInput(
+                path=c.path,
+                image=_fit(image, width, height),
+                mask=_fit(mask, width, height) if mask is not None else None,
+                config=config,
+                variant=c.variant,
+                conditioning_scale=c.conditioning_scale,
+                start=c.start_percentage,
+                end=c.end_percentage,
+            )
+
+        return tuple(await asyncio.gather(*(one(i, c) for i, c in enumerate(body.controlnets))))
+
+    async def _config(self, url: str, loc: list[str | int], base_url: str) -> str:
+        data = await self.inputs.read(url, loc, base_url, self.config.limits.max_config_bytes)
+        try:
+            text = data.decode()
+            if not isinstance(json.loads(text), dict):
+                raise ValueError
+        except ValueError:
+            raise InputError(loc, "expected the URL of a config.json (a JSON object)", "config_invalid") from None
+        return text
+
     async def job(self, mode: Mode, body: LoraInput, base_url: str, request_id: str) -> ImageJob:
         self._refuse_unserved(body)
         if len(body.loras) > self.config.limits.max_loras:
@@ -127,8 +189,10 @@ class LoraService:
             seen |= set(embedding.tokens)
         if body.num_images > self.config.limits.max_images_per_request:
             raise InputError(["body", "num_images"], f"at most {self.config.limits.max_images_per_request} images per request", "value_error")
+        self._check_controlnets(body)
         strength = self._strength(mode, body)
         image, mask, width, height = await self._inputs(mode, body, base_url)
+        controlnets = await self._controlnets(body, base_url, width, height)
         return ImageJob(
             request_id=request_id,
             model=ModelRef(body.model_name, body.unet_name, body.variant, body.model_architecture),
@@ -151,6 +215,8 @@ class LoraService:
             prompt_weighting=body.prompt_weighting,
             loras=tuple((lora.path, lora.scale) for lora in body.loras),
             embeddings=tuple((e.path, tuple(e.tokens)) for e in body.embeddings),
+            controlnets=controlnets,
+            controlnet_guess_mode=body.controlnet_guess_mode,
             tiling=Tiling(body.tile_width, body.tile_height, body.tile_stride_width, body.tile_stride_height),
             strength=strength,
             image=image,
