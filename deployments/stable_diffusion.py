@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,8 +32,9 @@ from deployments.common.controlnets import (
 from deployments.common.devices import select_device
 from deployments.common.embeddings import LoadedEmbeddings, ResolvedEmbedding
 from deployments.common.generation import StepLatents, expand, finish
+from deployments.common.ip_adapters import LoadedIPAdapters, ResolvedIPAdapter, ip_adapter_kwargs
 from deployments.common.jobs import ImageJob, JobInputError, JobResult, Mode, ModelRef
-from deployments.common.lora import LoadedAdapters, ResolvedLora
+from deployments.common.lora import LoadedAdapters, ResolvedLora, is_mixable
 from deployments.common.model_cache import ModelCache
 from deployments.common.model_sources import ModelRegistry, ResolvedModel, WeightsSource
 from deployments.common.safety import SafetyChecker
@@ -57,14 +58,35 @@ class Adapters:
     loras: list[ResolvedLora]
     embeddings: list[ResolvedEmbedding]
     controlnets: list[ResolvedControlNet]
+    ip_adapters: list[ResolvedIPAdapter] = field(default_factory=list)
+
+    @property
+    def mixed_loras(self) -> bool:
+        """Plain LoRAs ride the per-image mixer, so they do not split batches."""
+        return all(lora.mixable for lora in self.loras)
 
     def key(self) -> tuple:
         """The part of the batch key the adapters make: equal content, equal key."""
         return (
-            tuple((lora.name, lora.scale) for lora in self.loras),
+            "mixed" if self.mixed_loras else tuple((lora.name, lora.scale) for lora in self.loras),
             tuple((e.name, e.tokens) for e in self.embeddings),
             tuple(c.name for c in self.controlnets),
+            tuple(self.ip_adapters),
         )
+
+
+def split_by_lora_budget(batch: list[tuple[Any, ImageJob, Adapters]], capacity: int) -> list[list]:
+    """Consecutive runs of a batch whose LoRAs, together, fit the loaded-adapter LRU."""
+    runs: list[list] = [[]]
+    names: set[str] = set()
+    for item in batch:
+        mine = {lora.name for lora in item[2].loras}
+        if runs[-1] and len(names | mine) > capacity:
+            runs.append([])
+            names = set()
+        runs[-1].append(item)
+        names |= mine
+    return runs
 
 
 @dataclass
@@ -77,6 +99,7 @@ class SDModel:
     adapters: LoadedAdapters
     embeddings: LoadedEmbeddings
     controlnets: LoadedControlNets
+    ip_adapters: LoadedIPAdapters
 
 
 def _load_unet(source: WeightsSource, dtype: torch.dtype):
@@ -145,6 +168,7 @@ def load_sd_model(
         LoadedAdapters(pipe, max_loras),
         LoadedEmbeddings(pipe),
         LoadedControlNets(pipe, device, dtype, max_controlnets),
+        LoadedIPAdapters(pipe),
     )
 
 
@@ -176,13 +200,25 @@ def _controlnet_kwargs(pipe, job: ImageJob, items) -> dict[str, Any]:
     }
 
 
-def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, adapters: Adapters | None = None) -> list[JobResult]:
-    """One pipeline call for jobs that share a batch key (and so the same adapters)."""
+def _activate_loras(model: SDModel, jobs: list[ImageJob], per_job: list[Adapters]) -> None:
+    if per_job[0].mixed_loras:
+        per_image = [adapters.loras for job, adapters in zip(jobs, per_job) for _ in range(job.num_images)]
+        fields = [_fields("loras", len(loras)) for loras in per_image]
+        model.adapters.activate_per_image(per_image, fields)
+    else:  # the batch key holds the LoRA set: every job has the same
+        model.adapters.activate(per_job[0].loras, _fields("loras", len(per_job[0].loras)))
+
+
+def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, per_job: list[Adapters] | None = None) -> list[JobResult]:
+    """One pipeline call for jobs that share a batch key: the same embeddings and ControlNets;
+    LoRAs may differ per job (see lora.py)."""
     started = time.monotonic()
     job = jobs[0]
-    adapters = adapters or Adapters([], [], [])
+    per_job = per_job or [Adapters([], [], [])] * len(jobs)
+    adapters = per_job[0]
     model.embeddings.activate(adapters.embeddings, _fields("embeddings", len(adapters.embeddings)))
-    model.adapters.activate(adapters.loras, _fields("loras", len(adapters.loras)))
+    _activate_loras(model, jobs, per_job)
+    model.ip_adapters.activate(adapters.ip_adapters, [("ip_adapter", i) for i in range(len(adapters.ip_adapters))])
     if adapters.controlnets:
         pipe = model.controlnets.pipeline(job.mode, adapters.controlnets, _fields("controlnets", len(adapters.controlnets)))
     else:
@@ -215,6 +251,8 @@ def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, ad
         kwargs.update(mask_image=items.masks, height=job.height, width=job.width)
     if adapters.controlnets:
         kwargs.update(_controlnet_kwargs(pipe, job, items))
+    if adapters.ip_adapters:
+        kwargs.update(ip_adapter_kwargs(pipe, model.ip_adapters, items.ip_images, items.ip_masks, job.guidance_scale, job.height, job.width))
     step_latents = StepLatents() if job.debug_per_pass_latents else None
     if step_latents:
         kwargs["callback_on_step_end"] = step_latents
@@ -287,8 +325,11 @@ class StableDiffusion:
             torch.set_num_threads(self.config.device.cpu_threads)  # per thread under OpenMP
 
     def _run_batch(self, items: list[tuple[SDModel, ImageJob, Adapters]]) -> list[JobResult]:
-        model, _, adapters = items[0]
-        return run_sd_batch(model, [job for _, job, _ in items], self.safety, adapters)
+        model = items[0][0]
+        results: list[JobResult] = []
+        for run in split_by_lora_budget(items, model.adapters.capacity):
+            results += run_sd_batch(model, [job for _, job, _ in run], self.safety, [adapters for _, _, adapters in run])
+        return results
 
     async def _resolve_loras(self, job: ImageJob) -> list[ResolvedLora]:
         """Local files for the job's LoRAs (fetched once per node), named by content."""
@@ -299,7 +340,8 @@ class StableDiffusion:
         for file, (_, scale) in zip(files, job.loras):
             name = f"lora_{await asyncio.to_thread(content_name, file)}"
             previous = merged.get(name)
-            merged[name] = ResolvedLora(name, file, scale + (previous.scale if previous else 0.0))
+            mixable = previous.mixable if previous else await asyncio.to_thread(is_mixable, file)
+            merged[name] = ResolvedLora(name, file, scale + (previous.scale if previous else 0.0), mixable)
         return list(merged.values())
 
     async def _resolve_embeddings(self, job: ImageJob) -> list[ResolvedEmbedding]:
@@ -318,13 +360,27 @@ class StableDiffusion:
             )
         )
 
+    async def _resolve_ip_adapters(self, job: ImageJob) -> list[ResolvedIPAdapter]:
+        async def resolve(i: int, a) -> ResolvedIPAdapter:
+            field = ("ip_adapter", i)
+            source = a.path
+            if not a.path.startswith(("http://", "https://", "data:")) and a.path.count("/") == 1:
+                source = "/".join(p for p in (a.path, a.model_subfolder, a.weight_name or "ip-adapter.safetensors") if p)
+            weights, encoder = await asyncio.gather(
+                self.weights.get(source, (*field, "path"), "ip-adapter.safetensors"),
+                self.registry.image_encoder(a.path, a.model_subfolder, a.image_encoder_path, a.image_encoder_subpath, field),
+            )
+            return ResolvedIPAdapter(await asyncio.to_thread(content_name, weights), weights, encoder, a.scale, a.scale_json)
+
+        return list(await asyncio.gather(*(resolve(i, a) for i, a in enumerate(job.ip_adapters))))
+
     async def generate(self, job: ImageJob) -> JobResult:
         await self.get_routing_key(serve.get_multiplexed_model_id() or job.routing_key())
         model = await self.models.get(job.model.key())
-        loras, embeddings, controlnets = await asyncio.gather(
-            self._resolve_loras(job), self._resolve_embeddings(job), self._resolve_controlnets(job)
+        loras, embeddings, controlnets, ip_adapters = await asyncio.gather(
+            self._resolve_loras(job), self._resolve_embeddings(job), self._resolve_controlnets(job), self._resolve_ip_adapters(job)
         )
-        adapters = Adapters(loras, embeddings, controlnets)
+        adapters = Adapters(loras, embeddings, controlnets, ip_adapters)
         # Adapters join the batch key by content (and scale/tokens), not by how they were spelled.
         key = (*job.batch_key(), *adapters.key())
         result = await self.batcher.submit(key, (model, job, adapters), job.cost(), job.num_images)

@@ -20,13 +20,13 @@ def lora_bytes(name: str) -> bytes:
 
 
 @ray.remote(num_cpus=0)
-def replica_like_fetch(fetcher, node_dir: str, url: str, copies: int, force_other_node: bool = False) -> list[str]:
+def replica_like_fetch(fetcher, node_dir: str, url: str, copies: int, force_other_node: bool = False, node_cache_bytes: int = 10**9) -> list[str]:
     """What a model replica does: ask through ClusterWeights, from its own process and node cache."""
     from deployments.adapters import ClusterWeights
     from deployments.common.weights_cache import WeightsCache
     from serve_app.url_guard import NetworkPolicy
 
-    cache = WeightsCache(node_dir, NetworkPolicy(allowed_networks=[f"{IMAGE_HOST}/32"]), 10**9, 10**8)
+    cache = WeightsCache(node_dir, NetworkPolicy(allowed_networks=[f"{IMAGE_HOST}/32"]), node_cache_bytes, 10**8)
     weights = ClusterWeights(fetcher, cache)
     if force_other_node:
         weights.node_id = "some-other-node"  # as if the fetcher lived elsewhere: bytes are pulled
@@ -78,3 +78,27 @@ def test_the_fetcher_reports_its_cache_counters(fetcher, image_server, tmp_path)
     after = fetcher.stats.remote().result()
     assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] >= 1
     assert after["bytes_fetched"] - before["bytes_fetched"] == len(lora_bytes("sd15-lora-kohya"))
+
+
+def test_an_evicted_adapter_is_fetched_again(stack, image_server, tmp_path):
+    """A cluster whose caches hold one adapter at a time: asking for A, B, then A downloads A twice,
+    and every answer is the right file."""
+    from deployments.adapters import AdapterFetcher
+
+    a, b = lora_bytes("sd15-lora-a"), lora_bytes("sd15-lora-b")
+    budget = max(len(a), len(b)) * 3 // 2
+    config = {
+        "network": {"allowed_networks": [f"{IMAGE_HOST}/32"]},
+        "weights": {"cache_dir": str(tmp_path / "small-fetcher"), "max_cache_bytes": budget},
+    }
+    small = serve.run(AdapterFetcher.options(name="SmallFetcher").bind(config), name="small-fetcher", route_prefix=None)
+    try:
+        urls = [image_server.add(f"/fetcher/evict-{name}.safetensors", data, "application/octet-stream") for name, data in (("a", a), ("b", b))]
+        for url, data in [(urls[0], a), (urls[1], b), (urls[0], a)]:
+            (digests,) = ray.get([replica_like_fetch.remote(small, str(tmp_path / "node"), url, 1, False, budget)])
+            assert digests == [hashlib.sha256(data).hexdigest()]
+        assert image_server.hits["/fetcher/evict-a.safetensors"] == 2
+        assert image_server.hits["/fetcher/evict-b.safetensors"] == 1
+        assert small.stats.remote().result()["evictions"] >= 2
+    finally:
+        serve.delete("small-fetcher")

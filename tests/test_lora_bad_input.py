@@ -140,9 +140,9 @@ def test_scheduler_that_cannot_follow_custom_timesteps(http):
     assert_422(http.post("/fal-ai/lora", json=body), ["body", "timesteps"], "does not accept")
 
 
-def test_adapter_lists_not_served_yet_are_refused_not_ignored(http):
-    body = small(controlnets=[{"path": "diffusers/controlnet-canny-sdxl-1.0", "image_url": "https://example.com/c.png"}])
-    assert_422(http.post("/fal-ai/lora", json=body), ["body", "controlnets"], "not served")
+def test_features_not_served_are_refused_not_ignored(http):
+    body = small(ic_light_model_url="https://example.com/iclight.safetensors")
+    assert_422(http.post("/fal-ai/lora", json=body), ["body", "ic_light_model_url"], "not served")
 
 
 def test_the_replica_keeps_serving_after_bad_inputs(http):

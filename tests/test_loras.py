@@ -118,3 +118,21 @@ def test_forbidden_or_local_paths_are_refused(http, path):
 
 def test_the_replica_keeps_serving_after_bad_loras(http):
     assert http.post("/fal-ai/lora", json=small()).status_code == 200
+
+
+def test_requests_with_different_lora_sets_share_a_batch_and_keep_their_own_images(http, lora_urls):
+    """Plain LoRAs do not split batches: each image gets its own set inside one pipeline call."""
+    sets = [
+        [{"path": lora_urls["sd15-lora-a"], "scale": 0.9}],
+        [{"path": lora_urls["sd15-lora-b"], "scale": 0.7}, {"path": lora_urls["sd15-lora-kohya"], "scale": 0.5}],
+        [],
+    ]
+    solo = [image(http, seed=9, loras=loras) for loras in sets]
+    with cf.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda i: http.post("/fal-ai/lora", json=small(seed=9, loras=sets[i % 3])), range(6)))
+    assert all(r.status_code == 200 for r in responses), responses[0].text
+    assert max(int(r.headers["x-diffusion-serve-batch-size"]) for r in responses) > 1
+    for i, response in enumerate(responses):
+        batched = fetch_image(http, response.json()["images"][0]).astype(int)
+        assert np.abs(batched - solo[i % 3]).max() <= 1  # float summation order only
+        assert np.abs(batched - solo[(i + 1) % 3]).mean() > 1

@@ -206,6 +206,6 @@ async def test_a_controlnet_named_by_hub_id_loads_with_the_repo_config(offline_h
     safety = SafetyChecker("tiny:safety-checker", device, dtype)
     control = ControlNetInput("test-org/tiny-controlnet", image=np.full((64, 64, 3), 255, np.uint8))
     job = _job(model.resolved.ref, controlnets=(control,))
-    steered = run_sd_batch(model, [job], safety, Adapters([], [], [controlnet]))[0].images[0]
+    steered = run_sd_batch(model, [job], safety, [Adapters([], [], [controlnet])])[0].images[0]
     plain = run_sd_batch(model, [_job(model.resolved.ref)], safety)[0].images[0]
     assert np.abs(steered.astype(float) - plain).mean() > 0.5

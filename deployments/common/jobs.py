@@ -93,7 +93,9 @@ class IPAdapterInput:
     scale_json: str | None = None  # per-block scales, as JSON text
 
     def settings(self) -> tuple:
-        return (self.scale, self.scale_json, len(self.images))
+        # With a mask diffusers attends to each reference image separately, without one to all
+        # together: whether there is one is a per-call setting.
+        return (self.scale, self.scale_json, len(self.images), self.mask is not None)
 
 
 @dataclass

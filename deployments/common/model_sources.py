@@ -70,6 +70,21 @@ def _is_url(name: str) -> bool:
     return name.startswith(("http://", "https://"))
 
 
+def _hub_folder(repo: str, subpath: str | None, field: tuple) -> Path:
+    """A folder of a hub repo (weights as safetensors only), through huggingface_hub's cache."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{subpath}/*.json", f"{subpath}/*.safetensors"] if subpath else ["*.json", "*.safetensors"]
+    try:
+        root = Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - reported to the user
+        raise JobInputError(field, f"could not fetch {repo}/{subpath or ''} from the Hugging Face hub ({type(exc).__name__})", "url_unreachable") from None
+    folder = root / subpath if subpath else root
+    if not (folder / "config.json").is_file():
+        raise JobInputError(field, f"{repo}/{subpath or ''} holds no image encoder (config.json)", "ip_adapter_encoder_invalid")
+    return folder
+
+
 def _local_path(name: str) -> Path | None:
     if name.startswith(("/", "./", "../", "~")):
         path = Path(name).expanduser()
@@ -147,6 +162,29 @@ class ModelRegistry:
                 "model_load_error",
             ) from None
         return _architecture_from_class(_model_index_class(Path(path).parent))
+
+    async def image_encoder(
+        self, adapter_path: str, subfolder: str | None, encoder_path: str | None, encoder_subpath: str | None, field: tuple
+    ) -> Path:
+        """The CLIP image-encoder directory an IP-Adapter reads reference images with: the request's
+        `image_encoder_path` (HF repo, with `image_encoder_subpath`), else the adapter repo's own
+        `<model_subfolder>/image_encoder` (h94/IP-Adapter's layout, as diffusers assumes). The demo
+        profile serves every encoder with the tiny stand-in."""
+        if self.config.is_demo:
+            path = ensure_tiny_model("tiny-image-encoder")
+            logger.warning("DEMO PROFILE: IP-Adapter image encoder %r is the tiny random-weight stand-in at %s", encoder_path or adapter_path, path)
+            return path
+        if encoder_path is None:
+            if _is_url(adapter_path) or adapter_path.startswith("data:") or not HF_REPO_ID.match(adapter_path):
+                raise JobInputError((*field, "image_encoder_path"), "an IP-Adapter given by URL needs image_encoder_path (a Hugging Face repo)", "ip_adapter_encoder_missing")
+            encoder_path, encoder_subpath = adapter_path, "/".join(p for p in (subfolder, "image_encoder") if p)
+        alias = self.config.models.get(encoder_path)
+        local = _local_path(alias.source) if alias else None
+        if local is not None:
+            return local / encoder_subpath if encoder_subpath else local
+        if not HF_REPO_ID.match(encoder_path):
+            raise JobInputError((*field, "image_encoder_path"), f"{encoder_path!r} is not a Hugging Face repo id (owner/name) or an alias", "ip_adapter_encoder_invalid")
+        return await asyncio.to_thread(_hub_folder, encoder_path, encoder_subpath, (*field, "image_encoder_path"))
 
     async def _unet_source(self, unet_name: str, architecture: Architecture, variant: str | None) -> WeightsSource:
         local = _local_path(unet_name)

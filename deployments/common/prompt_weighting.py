@@ -49,6 +49,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from deployments.common.lora import rows_per_image
+
 # The marker `parse_weighted_prompt` emits for the `BREAK` keyword, spelled as A1111 spells it.
 BREAK: tuple[str, float] = ("BREAK", -1.0)
 
@@ -285,9 +287,8 @@ def _encode_branch(
     device = get_module_execution_device(encoder)
     # diffusers passes the mask to SD1.5's encoder only when its config asks for it; SDXL never.
     use_mask = not sdxl and getattr(encoder.config, "use_attention_mask", False)
-    output = encoder(
-        ids.to(device), attention_mask=mask.to(device) if use_mask else None, output_hidden_states=True
-    )
+    with rows_per_image(n_windows):  # each text's windows are consecutive rows (for mixed LoRAs)
+        output = encoder(ids.to(device), attention_mask=mask.to(device) if use_mask else None, output_hidden_states=True)
     hidden = _apply_weights(_select_layer(output, encoder, clip_skip, sdxl), weights)
     batch = len(texts_windows)
     embeds = hidden.reshape(batch, -1, hidden.shape[-1])

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image as PILImage
 from ray.serve.handle import DeploymentHandle
 
-from deployments.common.jobs import ControlNetInput, ImageJob, JobResult, Mode, ModelRef, Tiling
+from deployments.common.jobs import ControlNetInput, ImageJob, IPAdapterInput, JobResult, Mode, ModelRef, Tiling
 from serve_app.config import AppConfig
 from serve_app.errors import InputError
 from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, encode_image
@@ -29,8 +29,6 @@ from serve_app.services.dispatch import call_model
 
 LoraInput = LoraTextToImageInput | LoraImageToImageInput | LoraInpaintInput
 
-# Refused, never ignored, until they are served.
-NOT_YET_SERVED = ("ip_adapter",)
 TOKEN = re.compile(r"^\S{1,64}$")
 IC_LIGHT = ("ic_light_model_url", "ic_light_model_background_image_url", "ic_light_image_url")
 
@@ -51,6 +49,15 @@ def _fit(image: InputImage, width: int, height: int) -> np.ndarray:
     if image.size == (width, height):
         return image.pixels
     return np.asarray(PILImage.fromarray(image.pixels).resize((width, height), PILImage.Resampling.BILINEAR))
+
+
+def _shrink(image: InputImage, longest: int) -> np.ndarray:
+    width, height = image.size
+    if max(width, height) <= longest:
+        return image.pixels
+    factor = longest / max(width, height)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(PILImage.fromarray(image.pixels).resize(size, PILImage.Resampling.LANCZOS))
 
 
 def _check_scale(value: float, loc: list[str | int], bound: float = 10.0) -> None:
@@ -76,9 +83,6 @@ class LoraService:
         self.store = store
 
     def _refuse_unserved(self, body: LoraInput) -> None:
-        for name in NOT_YET_SERVED:
-            if getattr(body, name):
-                raise InputError(["body", name], f"{name} are not served by this server version yet; send an empty list", "not_supported")
         for name in IC_LIGHT:
             if getattr(body, name):
                 raise InputError(["body", name], "IC-Light relighting is not served by this server", "not_supported")
@@ -161,6 +165,53 @@ class LoraService:
 
         return tuple(await asyncio.gather(*(one(i, c) for i, c in enumerate(body.controlnets))))
 
+    def _check_ip_adapters(self, body: LoraInput) -> None:
+        limits = self.config.limits
+        if len(body.ip_adapter) > limits.max_ip_adapters:
+            raise InputError(["body", "ip_adapter"], f"at most {limits.max_ip_adapters} IP-Adapters per request", "value_error")
+        for i, a in enumerate(body.ip_adapter):
+            loc: list[str | int] = ["body", "ip_adapter", i]
+            urls = a.ip_adapter_image_url if isinstance(a.ip_adapter_image_url, list) else [a.ip_adapter_image_url]
+            if not 1 <= len(urls) <= limits.max_ip_adapter_images:
+                raise InputError([*loc, "ip_adapter_image_url"], f"give 1 to {limits.max_ip_adapter_images} reference images", "value_error")
+            _check_scale(a.scale, [*loc, "scale"])
+            unserved = {
+                "insight_face_model_path": (a.insight_face_model_path is not None, "FaceID IP-Adapters (insight_face_model_path) are not served by this server"),
+                "unconditional_noising_factor": (a.unconditional_noising_factor != 0, "unconditional_noising_factor is not served by this server; leave it at 0"),
+                "image_projection_shortcut": (a.image_projection_shortcut, "image_projection_shortcut is not served by this server; leave it false"),
+                "image_encoder_weight_name": (
+                    a.image_encoder_weight_name not in (None, "model.safetensors"),
+                    "the image encoder is read from its folder's model.safetensors; leave image_encoder_weight_name empty",
+                ),
+            }
+            for name, (refused, msg) in unserved.items():
+                if refused:
+                    raise InputError([*loc, name], msg, "not_supported")
+
+    async def _ip_adapters(self, body: LoraInput, base_url: str, width: int, height: int) -> tuple[IPAdapterInput, ...]:
+        """Fetch every IP-Adapter's reference images (at most 1024 px a side: the encoder sees 224) and mask."""
+
+        async def one(i: int, a) -> IPAdapterInput:
+            loc: list[str | int] = ["body", "ip_adapter", i]
+            urls = a.ip_adapter_image_url if isinstance(a.ip_adapter_image_url, list) else [a.ip_adapter_image_url]
+            image_locs = [[*loc, "ip_adapter_image_url", j] if isinstance(a.ip_adapter_image_url, list) else [*loc, "ip_adapter_image_url"] for j in range(len(urls))]
+            images = await asyncio.gather(*(self.inputs.image(url, image_loc, base_url) for url, image_loc in zip(urls, image_locs)))
+            mask = await self.inputs.image(a.ip_adapter_mask_url, [*loc, "ip_adapter_mask_url"], base_url, mode="L") if a.ip_adapter_mask_url else None
+            return IPAdapterInput(
+                path=a.path,
+                images=tuple(_shrink(im, 1024) for im in images),
+                mask=_fit(mask, width, height) if mask is not None else None,
+                model_subfolder=a.model_subfolder,
+                weight_name=a.weight_name,
+                image_encoder_path=a.image_encoder_path,
+                image_encoder_subpath=a.image_encoder_subpath,
+                image_encoder_weight_name=a.image_encoder_weight_name,
+                scale=a.scale,
+                scale_json=json.dumps(a.scale_json, sort_keys=True) if a.scale_json is not None else None,
+            )
+
+        return tuple(await asyncio.gather(*(one(i, a) for i, a in enumerate(body.ip_adapter))))
+
     async def _config(self, url: str, loc: list[str | int], base_url: str) -> str:
         data = await self.inputs.read(url, loc, base_url, self.config.limits.max_config_bytes)
         try:
@@ -190,9 +241,12 @@ class LoraService:
         if body.num_images > self.config.limits.max_images_per_request:
             raise InputError(["body", "num_images"], f"at most {self.config.limits.max_images_per_request} images per request", "value_error")
         self._check_controlnets(body)
+        self._check_ip_adapters(body)
         strength = self._strength(mode, body)
         image, mask, width, height = await self._inputs(mode, body, base_url)
-        controlnets = await self._controlnets(body, base_url, width, height)
+        controlnets, ip_adapters = await asyncio.gather(
+            self._controlnets(body, base_url, width, height), self._ip_adapters(body, base_url, width, height)
+        )
         return ImageJob(
             request_id=request_id,
             model=ModelRef(body.model_name, body.unet_name, body.variant, body.model_architecture),
@@ -217,6 +271,7 @@ class LoraService:
             embeddings=tuple((e.path, tuple(e.tokens)) for e in body.embeddings),
             controlnets=controlnets,
             controlnet_guess_mode=body.controlnet_guess_mode,
+            ip_adapters=ip_adapters,
             tiling=Tiling(body.tile_width, body.tile_height, body.tile_stride_width, body.tile_stride_height),
             strength=strength,
             image=image,
