@@ -209,3 +209,22 @@ async def test_a_controlnet_named_by_hub_id_loads_with_the_repo_config(offline_h
     steered = run_sd_batch(model, [job], safety, [Adapters([], [], [controlnet])])[0].images[0]
     plain = run_sd_batch(model, [_job(model.resolved.ref)], safety)[0].images[0]
     assert np.abs(steered.astype(float) - plain).mean() > 0.5
+
+
+async def test_an_ip_adapter_repo_gives_its_weights_and_its_image_encoder(offline_hub, tmp_path):
+    """h94/IP-Adapter's layout: `models/<weight_name>` and `models/image_encoder/`, via huggingface_hub."""
+    from deployments.common.weights_cache import LocalWeights, WeightsCache
+
+    repo = tmp_path / "ip-repo"
+    shutil.copytree(ensure_tiny_model("tiny-image-encoder"), repo / "models" / "image_encoder", ignore=shutil.ignore_patterns(".complete"))
+    shutil.copy(ensure_tiny_model("sd15-ip-adapter") / "ip-adapter.safetensors", repo / "models" / "ip-adapter_sd15.safetensors")
+    _add_to_hub(offline_hub, "test-org/tiny-ip-adapter", repo)
+    config = AppConfig(profile="production")
+    encoder = await ModelRegistry(config).image_encoder("test-org/tiny-ip-adapter", "models", None, None, ("ip_adapter", 0))
+    assert (encoder / "config.json").is_file() and (encoder / "model.safetensors").is_file()
+    weights = LocalWeights(WeightsCache(tmp_path / "weights", config.network, 10**9, 10**9, 30, False))
+    file = await weights.get("test-org/tiny-ip-adapter/models/ip-adapter_sd15.safetensors", ("ip_adapter", 0, "path"))
+    assert file.read_bytes() == (repo / "models" / "ip-adapter_sd15.safetensors").read_bytes()
+    with pytest.raises(JobInputError) as missing:
+        await ModelRegistry(config).image_encoder("https://example.com/ip.safetensors", None, None, None, ("ip_adapter", 0))
+    assert missing.value.field == ("ip_adapter", 0, "image_encoder_path")
