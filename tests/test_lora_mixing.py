@@ -67,21 +67,23 @@ def test_each_image_of_a_mixed_batch_equals_its_request_alone(model, safety, pro
 
 
 def test_the_mixer_computes_what_peft_computes(model, safety):
-    """Reference: peft's own path (set_adapters with weights) for a single LoRA set."""
+    """Reference: peft's own path (the set active for the whole call)."""
     loras = SETS["b+kohya"]
     model.adapters.activate(loras, [("loras", i, "path") for i in range(len(loras))])
     pipe = model.pipelines["text-to-image"]
-    generator = torch.Generator("cpu").manual_seed(5)
     peft_image = pipe(prompt=["photo of a cat"], negative_prompt=["blurry"], num_inference_steps=3, guidance_scale=5.0,
-                      height=64, width=64, generator=[generator], output_type="np").images[0]
-    model.adapters.activate([], [])
-    ours = run(model, safety, [(5, loras)])[0]
-    assert np.abs(ours - np.round(peft_image * 255)).max() <= 1
+                      height=64, width=64, generator=[torch.Generator("cpu").manual_seed(5)], output_type="np").images[0]
+    through_peft = np.round(peft_image * 255).astype(int)
+    through_mixer = run(model, safety, [(5, loras)])[0]
+    assert np.abs(through_mixer - through_peft).max() <= 1
+    assert np.abs(through_peft - run(model, safety, [(5, [])])[0]).mean() > 1
 
 
 def test_scale_zero_is_exactly_no_lora(model, safety):
     base = run(model, safety, [(6, [])])[0]
-    assert np.array_equal(run(model, safety, [(6, [lora("sd15-lora-a", 0.0)])])[0], base)
+    assert np.array_equal(run(model, safety, [(6, [lora("sd15-lora-a", 0.0)])])[0], base)  # folded scales
+    beside = run(model, safety, [(6, []), (6, SETS["a"])])[0]  # the same call shape without the zero LoRA
+    assert np.array_equal(run(model, safety, [(6, [lora("sd15-lora-a", 0.0)]), (6, SETS["a"])])[0], beside)
 
 
 def test_images_of_one_job_share_its_loras(model, safety):

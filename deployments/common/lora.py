@@ -11,9 +11,10 @@ LoRAs could never share a batch, and under round-robin LoRA traffic every call r
 Instead, peft's own LoRA path stays off and a forward hook on every LoRA layer adds, for each
 image of the batch, that image's adapters at that image's scales, in one stacked computation
 (the adapters' A matrices side by side, per-image coefficients on their rank columns, then the B
-matrices): S-LoRA/punica-style batching. A request alone takes the same path, so its image does
-not depend on its neighbours. Adapters peft computes differently (DoRA, LoRA biases) are not
-mixed: their set stays part of the batch key and peft applies them.
+matrices): S-LoRA/punica-style batching; an image's result does not depend on its neighbours
+beyond float rounding. Adapters peft computes differently (DoRA, LoRA biases) are not
+mixed: their set stays part of the batch key and peft applies them. A call whose images all
+share one set also goes through peft, whose per-layer cost is lower.
 """
 
 from __future__ import annotations
@@ -133,13 +134,19 @@ class MixedBatch:
     def __init__(self, names: list[str], scales: torch.Tensor) -> None:
         self.names = names
         self.scales = scales
+        # Every image with the same set (a lone request, or one set's batch): the scales fold
+        # into B once per layer, and each call is two matmuls.
+        self.uniform = bool((scales == scales[0]).all())
         self._stacks: dict[int, _Stack | None] = {}
         self._coefficients: dict[tuple[int, int], torch.Tensor] = {}
 
     def stack(self, layer) -> _Stack | None:
         key = id(layer)
         if key not in self._stacks:
-            self._stacks[key] = _Stack.build(layer, self.names)
+            stack = _Stack.build(layer, self.names)
+            if stack is not None and self.uniform:
+                stack.fold(self.scales[0])
+            self._stacks[key] = stack
         return self._stacks[key]
 
     def image_of_rows(self, n_rows: int, rows_per_image: int) -> torch.Tensor:
@@ -172,6 +179,7 @@ class _Stack:
     adapter_of_column: torch.Tensor  # (ranks,) index into the batch's names
     column_scaling: torch.Tensor  # (ranks,) peft's alpha / r (or / sqrt(r) for rsLoRA)
     conv: dict | None  # stride/padding/dilation of a convolutional A
+    folded: bool = False  # the batch's (uniform) scales are already multiplied into b
 
     @classmethod
     def build(cls, layer, names: list[str]) -> _Stack | None:
@@ -192,8 +200,18 @@ class _Stack:
             conv = {"stride": first.stride, "padding": first.padding, "dilation": first.dilation}
         return cls(a, b, torch.tensor(columns), torch.tensor(scaling), conv)
 
-    def delta(self, x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    def fold(self, image_scales: torch.Tensor) -> None:
+        """Multiply the one set of scales into B: `delta` then needs no coefficients."""
+        columns = (image_scales[self.adapter_of_column] * self.column_scaling).to(self.b.device, self.b.dtype)
+        self.b = self.b * (columns.view(1, -1, 1, 1) if self.conv is not None else columns)
+        self.folded = True
+
+    def delta(self, x: torch.Tensor, coefficients: torch.Tensor | None) -> torch.Tensor:
         x = x.to(self.a.dtype)
+        if self.folded:
+            if self.conv is not None:
+                return F.conv2d(F.conv2d(x, self.a, **self.conv), self.b)
+            return F.linear(F.linear(x, self.a), self.b)
         if self.conv is not None:
             h = F.conv2d(x, self.a, **self.conv) * coefficients[:, :, None, None]
             return F.conv2d(h, self.b)
@@ -231,7 +249,8 @@ class LoraMixer:
         if stack is None:
             return None
         x = args[0] if args else kwargs["x"]
-        return output + stack.delta(x, batch.coefficients(layer, stack, x.shape[0])).to(output.dtype)
+        coefficients = None if stack.folded else batch.coefficients(layer, stack, x.shape[0])
+        return output + stack.delta(x, coefficients).to(output.dtype)
 
 
 _ROWS_PER_IMAGE: ContextVar[int] = ContextVar("lora_rows_per_image", default=1)
