@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.adapters import ClusterWeights
 from deployments.common.batcher import BatchLimits, KeyedBatcher
-from deployments.common.compat import sd15_clip_skip_embeddings
+from deployments.common.compat import cache_processor_signatures, sd15_clip_skip_embeddings
 from deployments.common.controlnets import (
     LoadedControlNets,
     ResolvedControlNet,
@@ -131,6 +131,7 @@ def load_sd_model(
         StableDiffusionXLPipeline,
     )
 
+    cache_processor_signatures()
     cls = StableDiffusionXLPipeline if resolved.architecture == "sdxl" else StableDiffusionPipeline
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if cls is StableDiffusionPipeline:

@@ -38,3 +38,12 @@ def test_demo_asks_for_no_gpu_and_production_for_one_each():
 def test_unknown_settings_are_rejected():
     with pytest.raises(ValueError):
         AppConfig.from_args({"profile": "demo", "batchng": {}})
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "production.yaml"])
+def test_model_replicas_get_the_same_environment_as_assembled_apps(name):
+    from serve_app.app import MODEL_REPLICA_ENV
+
+    deployments = yaml.safe_load((CLUSTER / name).read_text())["applications"][0]["deployments"]
+    sd = next(d for d in deployments if d["name"] == "StableDiffusion")
+    assert sd["ray_actor_options"]["runtime_env"]["env_vars"] == MODEL_REPLICA_ENV
