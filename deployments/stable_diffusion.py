@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
-from deployments.adapters import ClusterWeights
-from deployments.common.batcher import BatchLimits, KeyedBatcher
 from deployments.common.compat import cache_processor_signatures, sd15_clip_skip_embeddings
 from deployments.common.controlnets import (
     LoadedControlNets,
@@ -29,14 +26,13 @@ from deployments.common.controlnets import (
     mask_tensor,
     resolve_controlnet,
 )
-from deployments.common.devices import select_device
 from deployments.common.embeddings import LoadedEmbeddings, ResolvedEmbedding
-from deployments.common.generation import StepLatents, expand, finish
+from deployments.common.generation import StepCallback, denoise, expand, finish
 from deployments.common.ip_adapters import LoadedIPAdapters, ResolvedIPAdapter, ip_adapter_kwargs
-from deployments.common.jobs import ImageJob, JobInputError, JobResult, Mode, ModelRef
-from deployments.common.lora import LoadedAdapters, ResolvedLora, is_mixable
-from deployments.common.model_cache import ModelCache
-from deployments.common.model_sources import ModelRegistry, ResolvedModel, WeightsSource
+from deployments.common.jobs import ImageJob, JobInputError, JobResult, Mode
+from deployments.common.lora import LoadedAdapters, ResolvedLora, lora_batch_key
+from deployments.common.model_sources import ResolvedModel, WeightsSource
+from deployments.common.replica import ModelReplica
 from deployments.common.safety import SafetyChecker
 from deployments.common.schedulers import (
     SchedulerChoice,
@@ -44,8 +40,7 @@ from deployments.common.schedulers import (
     scheduler_label,
     unsupported_schedule_argument,
 )
-from deployments.common.weights_cache import LocalWeights, WeightsCache, WeightsProvider, content_name
-from serve_app.config import AppConfig
+from deployments.common.weights_cache import content_name
 
 logger = logging.getLogger("diffusion_serve.stable_diffusion")
 
@@ -60,33 +55,14 @@ class Adapters:
     controlnets: list[ResolvedControlNet]
     ip_adapters: list[ResolvedIPAdapter] = field(default_factory=list)
 
-    @property
-    def mixed_loras(self) -> bool:
-        """Plain LoRAs ride the per-image mixer, so they do not split batches."""
-        return all(lora.mixable for lora in self.loras)
-
     def key(self) -> tuple:
         """The part of the batch key the adapters make: equal content, equal key."""
         return (
-            "mixed" if self.mixed_loras else tuple((lora.name, lora.scale) for lora in self.loras),
+            lora_batch_key(self.loras),
             tuple((e.name, e.tokens) for e in self.embeddings),
             tuple(c.name for c in self.controlnets),
             tuple(self.ip_adapters),
         )
-
-
-def split_by_lora_budget(batch: list[tuple[Any, ImageJob, Adapters]], capacity: int) -> list[list]:
-    """Consecutive runs of a batch whose LoRAs, together, fit the loaded-adapter LRU."""
-    runs: list[list] = [[]]
-    names: set[str] = set()
-    for item in batch:
-        mine = {lora.name for lora in item[2].loras}
-        if runs[-1] and len(names | mine) > capacity:
-            runs.append([])
-            names = set()
-        runs[-1].append(item)
-        names |= mine
-    return runs
 
 
 @dataclass
@@ -201,18 +177,13 @@ def _controlnet_kwargs(pipe, job: ImageJob, items) -> dict[str, Any]:
     }
 
 
-def _activate_loras(model: SDModel, jobs: list[ImageJob], per_job: list[Adapters]) -> None:
-    """Plain LoRAs: the per-image mixer, even for a single set (its stacked hook costs less per
-    layer than peft's adapter loop). Others: peft's path, one set per call."""
-    if per_job[0].mixed_loras:
-        per_image = [adapters.loras for job, adapters in zip(jobs, per_job) for _ in range(job.num_images)]
-        fields = [_fields("loras", len(loras)) for loras in per_image]
-        model.adapters.activate_per_image(per_image, fields)
-    else:
-        model.adapters.activate(per_job[0].loras, _fields("loras", len(per_job[0].loras)))
-
-
-def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, per_job: list[Adapters] | None = None) -> list[JobResult]:
+def run_sd_batch(
+    model: SDModel,
+    jobs: list[ImageJob],
+    safety: SafetyChecker,
+    per_job: list[Adapters] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[JobResult]:
     """One pipeline call for jobs that share a batch key: the same embeddings and ControlNets;
     LoRAs may differ per job (see lora.py)."""
     started = time.monotonic()
@@ -220,7 +191,7 @@ def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, pe
     per_job = per_job or [Adapters([], [], [])] * len(jobs)
     adapters = per_job[0]
     model.embeddings.activate(adapters.embeddings, _fields("embeddings", len(adapters.embeddings)))
-    _activate_loras(model, jobs, per_job)
+    model.adapters.activate_for_jobs([adapters.loras for adapters in per_job], [job.num_images for job in jobs])
     model.ip_adapters.activate(adapters.ip_adapters, [("ip_adapter", i) for i in range(len(adapters.ip_adapters))])
     if adapters.controlnets:
         pipe = model.controlnets.pipeline(job.mode, adapters.controlnets, _fields("controlnets", len(adapters.controlnets)))
@@ -256,96 +227,30 @@ def run_sd_batch(model: SDModel, jobs: list[ImageJob], safety: SafetyChecker, pe
         kwargs.update(_controlnet_kwargs(pipe, job, items))
     if adapters.ip_adapters:
         kwargs.update(ip_adapter_kwargs(pipe, model.ip_adapters, items.ip_images, items.ip_masks, job.guidance_scale, job.height, job.width))
-    step_latents = StepLatents() if job.debug_per_pass_latents else None
+    step_latents = StepCallback(job.debug_per_pass_latents, on_step)
     if step_latents:
         kwargs["callback_on_step_end"] = step_latents
-    try:
-        latents = pipe(**kwargs).images
-    except ValueError as exc:
-        # diffusers rejects some combinations only when called (e.g. a timestep schedule the
-        # scheduler cannot follow); those are the request's fault, not the server's.
-        raise JobInputError((), f"the pipeline rejected these settings: {exc}", "invalid_settings") from None
+    latents = denoise(pipe, kwargs)
     return finish(pipe, latents, jobs, items, safety, started, step_latents)
 
 
-@serve.deployment(name="StableDiffusion", max_ongoing_requests=64, graceful_shutdown_timeout_s=600)
-class StableDiffusion:
-    """SD1.5/SDXL replicas: `generate(job)` with the multiplexed model id set to `job.routing_key()`."""
+class StableDiffusionReplica(ModelReplica[SDModel, Adapters]):
+    """SD1.5/SDXL replicas: `generate(job)` with the multiplexed model id set to `job.routing_key()`.
+    LoRAs, embeddings, ControlNets and IP-Adapters come with a job."""
 
-    def __init__(self, config: dict[str, Any] | None = None, fetcher: DeploymentHandle | None = None) -> None:
-        self.config = AppConfig.from_args(config)
-        self.device, self.dtype = select_device(self.config.device.cuda_dtype)
-        # Every torch call of this replica (loading, LoRA injection, batches) runs on this one
-        # thread: one thread drives the device, and on CPUs a second thread doing torch work
-        # starts a second OpenMP team that fights the first for cores (measured: 2.5x slower).
-        self.torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch", initializer=self._init_torch_thread)
-        w = self.config.weights
-        node_cache = WeightsCache(w.cache_dir / "node", self.config.network, w.max_cache_bytes, w.max_file_bytes, w.download_timeout_s, w.allow_pickle)
-        # Through the cluster's AdapterFetcher when there is one: one download per cluster.
-        self.weights: WeightsProvider = ClusterWeights(fetcher, node_cache) if fetcher else LocalWeights(node_cache)
-        self.registry = ModelRegistry(self.config, self.weights)
-        self.safety = SafetyChecker(self.config.safety_checker_source(), self.device, self.dtype)
-        b = self.config.batching
-        limits = BatchLimits(
-            max_cost=b.max_cost if b.enabled else 0.0,
-            max_items=b.max_images if b.enabled else 1,
-            max_wait_s=b.max_wait_ms / 1000 if b.enabled else 0.0,
+    family = "StableDiffusion"
+
+    def load_model(self, resolved: ResolvedModel) -> SDModel:
+        return load_sd_model(resolved, self.device, self.dtype, self.config.max_loras_per_model, self.config.max_controlnets_per_model)
+
+    def run_batch(self, model: SDModel, jobs: list[ImageJob], adapters: list[Adapters], on_step=None) -> list[JobResult]:
+        return run_sd_batch(model, jobs, self.safety, adapters, on_step)
+
+    async def resolve_adapters(self, job: ImageJob) -> Adapters:
+        loras, embeddings, controlnets, ip_adapters = await asyncio.gather(
+            self.resolve_loras(job), self._resolve_embeddings(job), self._resolve_controlnets(job), self._resolve_ip_adapters(job)
         )
-        self.batcher: KeyedBatcher[tuple[SDModel, ImageJob, Adapters], JobResult] = KeyedBatcher(
-            self._run_batch, limits, executor=self.torch_thread
-        )
-
-        async def load(model_key: str) -> SDModel:
-            resolved = await self.registry.resolve(ModelRef.from_key(model_key))
-            return await asyncio.get_running_loop().run_in_executor(
-                self.torch_thread,
-                load_sd_model,
-                resolved,
-                self.device,
-                self.dtype,
-                self.config.max_loras_per_model,
-                self.config.max_controlnets_per_model,
-            )
-
-        # What stays in memory: base models, LRU.
-        self.models: ModelCache[SDModel] = ModelCache(self.config.max_models_per_replica, load, self._free_device_memory)
-
-        async def advertise(routing_key: str) -> str:
-            return routing_key  # the weights live in self.models; this only tells Serve's router
-
-        # Where requests go: Serve routes a routing key (base model + LoRA set) to replicas that
-        # advertised it, so LoRA requests find their adapters already injected.
-        self.get_routing_key = serve.multiplexed(max_num_models_per_replica=self.config.max_routing_keys_per_replica)(advertise)
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
-        logger.info("StableDiffusion replica on %s (%s), profile %s", self.device, self.dtype, self.config.profile)
-
-    def _free_device_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _init_torch_thread(self) -> None:
-        if self.device.type == "cpu" and self.config.device.cpu_threads:
-            torch.set_num_threads(self.config.device.cpu_threads)  # per thread under OpenMP
-
-    def _run_batch(self, items: list[tuple[SDModel, ImageJob, Adapters]]) -> list[JobResult]:
-        model = items[0][0]
-        results: list[JobResult] = []
-        for run in split_by_lora_budget(items, model.adapters.capacity):
-            results += run_sd_batch(model, [job for _, job, _ in run], self.safety, [adapters for _, _, adapters in run])
-        return results
-
-    async def _resolve_loras(self, job: ImageJob) -> list[ResolvedLora]:
-        """Local files for the job's LoRAs (fetched once per node), named by content."""
-        files = await asyncio.gather(
-            *(self.weights.get(path, ("loras", i, "path")) for i, (path, _) in enumerate(job.loras))
-        )
-        merged: dict[str, ResolvedLora] = {}
-        for file, (_, scale) in zip(files, job.loras):
-            name = f"lora_{await asyncio.to_thread(content_name, file)}"
-            previous = merged.get(name)
-            mixable = previous.mixable if previous else await asyncio.to_thread(is_mixable, file)
-            merged[name] = ResolvedLora(name, file, scale + (previous.scale if previous else 0.0), mixable)
-        return list(merged.values())
+        return Adapters(loras, embeddings, controlnets, ip_adapters)
 
     async def _resolve_embeddings(self, job: ImageJob) -> list[ResolvedEmbedding]:
         files = await asyncio.gather(
@@ -377,18 +282,8 @@ class StableDiffusion:
 
         return list(await asyncio.gather(*(resolve(i, a) for i, a in enumerate(job.ip_adapters))))
 
-    async def generate(self, job: ImageJob) -> JobResult:
-        await self.get_routing_key(serve.get_multiplexed_model_id() or job.routing_key())
-        model = await self.models.get(job.model.key())
-        loras, embeddings, controlnets, ip_adapters = await asyncio.gather(
-            self._resolve_loras(job), self._resolve_embeddings(job), self._resolve_controlnets(job), self._resolve_ip_adapters(job)
-        )
-        adapters = Adapters(loras, embeddings, controlnets, ip_adapters)
-        # Adapters join the batch key by content (and scale/tokens), not by how they were spelled.
-        key = (*job.batch_key(), *adapters.key())
-        result = await self.batcher.submit(key, (model, job, adapters), job.cost(), job.num_images)
-        result.replica = self.replica_id
-        return result
 
-    async def check_health(self) -> None:
-        """Serve's health probe: the event loop answers, so batching is not stalled."""
+# Two deployments of the same replica class: the SD family, and LCM (LCM-distilled models, or
+# base models plus an LCM-LoRA, small enough to share a GPU). The router decides what a job holds.
+StableDiffusion = serve.deployment(name="StableDiffusion", max_ongoing_requests=64, graceful_shutdown_timeout_s=600)(StableDiffusionReplica)
+LCM = serve.deployment(name="LCM", max_ongoing_requests=64, graceful_shutdown_timeout_s=120)(StableDiffusionReplica)

@@ -570,6 +570,34 @@ def _build_ip_adapter(out: Path, architecture: str, seed: int, image_embed_dim: 
     save_file({k: v.contiguous() for k, v in sorted(state.items())}, out / "ip-adapter.safetensors")
 
 
+def _build_lcm(out: Path, architecture: str, seed: int) -> None:
+    """An LCM-distilled stand-in (as SimianLuo/LCM_Dreamshaper_v7): the base's UNet plus the
+    guidance embedding LCM distillation adds (`time_cond_proj_dim`), and the LCM scheduler."""
+    import torch
+    from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
+
+    base = DiffusionPipeline.from_pretrained(ensure_tiny_model(architecture))
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "time_cond_proj_dim": 32})
+    torch.manual_seed(seed)
+    unet.time_embedding.cond_proj.reset_parameters()
+    missing, _ = unet.load_state_dict(base.unet.state_dict(), strict=False)
+    assert all(key.startswith("time_embedding.cond_proj") for key in missing), missing
+    base.unet = unet
+    base.register_modules(unet=unet, scheduler=LCMScheduler.from_config(base.scheduler.config))
+    base.save_pretrained(out, safe_serialization=True)
+
+
+def _elsewhere(module: str, function: str) -> Callable[[Path], None]:
+    """A builder that lives in another module (imported when it runs: no import cycle)."""
+
+    def build(out: Path) -> None:
+        import importlib
+
+        getattr(importlib.import_module(module), function)(out)
+
+    return build
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
@@ -587,6 +615,14 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "sdxl-embedding": lambda out: _build_embedding(out, "sdxl", 51),
     "sd15-controlnet": lambda out: _build_controlnet(out, "sd15", 60),
     "sdxl-controlnet": lambda out: _build_controlnet(out, "sdxl", 61),
+    # LCM: distilled stand-ins, and LCM-LoRAs for the base stand-ins (the two ways to serve LCM).
+    "sd15-lcm": lambda out: _build_lcm(out, "sd15", 90),
+    "sdxl-lcm": lambda out: _build_lcm(out, "sdxl", 91),
+    "sd15-lcm-lora": lambda out: _build_lora(out, "sd15", 92, kohya=False),
+    "sdxl-lcm-lora": lambda out: _build_lora(out, "sdxl", 93, kohya=False),
+    # FLUX.1-dev at toy width (CLIP + T5 encoders, flow-matching transformer) and a LoRA for it.
+    "flux": _elsewhere("deployments.tiny_flux", "build_flux"),
+    "flux-lora": _elsewhere("deployments.tiny_flux", "build_flux_lora"),
     # IP-Adapters: one CLIP image encoder (as h94/IP-Adapter's models/image_encoder) for both.
     "tiny-image-encoder": build_image_encoder,
     "sd15-ip-adapter": lambda out: _build_ip_adapter(out, "sd15", 71),

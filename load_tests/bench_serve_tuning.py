@@ -36,7 +36,8 @@ def deploy(args) -> str:
     from ray import serve
 
     from deployments.adapters import AdapterFetcher
-    from deployments.stable_diffusion import StableDiffusion
+    from deployments.flux import Flux
+    from deployments.stable_diffusion import LCM, StableDiffusion
     from serve_app.config import AppConfig
     from serve_app.router import Router
     from tests.conftest import free_port
@@ -47,9 +48,11 @@ def deploy(args) -> str:
     settings = AppConfig(profile="demo", device={"cpu_threads": args.threads}, batching={"max_wait_ms": 50}).model_dump(mode="json")
     for name, env in VARIANTS.items():
         options = {"num_cpus": 1, "runtime_env": {"env_vars": env}}
-        fetcher = AdapterFetcher.options(name=f"AdapterFetcher").bind(settings)
+        fetcher = AdapterFetcher.bind(settings)
         model = StableDiffusion.options(ray_actor_options=options).bind(settings, fetcher)
-        serve.run(Router.options(ray_actor_options=options).bind(model, settings), name=name, route_prefix=f"/{name}")
+        idle = {"num_cpus": 0}  # present because the router needs them; not measured
+        lcm, flux = LCM.options(ray_actor_options=idle).bind(settings, fetcher), Flux.options(ray_actor_options=idle).bind(settings, fetcher)
+        serve.run(Router.options(ray_actor_options=options).bind(model, lcm, flux, settings), name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{port}"
 
 

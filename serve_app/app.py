@@ -13,7 +13,8 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.adapters import AdapterFetcher
-from deployments.stable_diffusion import StableDiffusion
+from deployments.flux import Flux
+from deployments.stable_diffusion import LCM, StableDiffusion
 from serve_app.config import AppConfig
 from serve_app.router import Router
 
@@ -36,8 +37,13 @@ def with_model_replica_env(options: dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
-def assemble(config: AppConfig, stable_diffusion_options: dict[str, Any] | None = None) -> Application:
-    """The application graph: Router -> StableDiffusion -> AdapterFetcher, all from one config."""
+def assemble(
+    config: AppConfig,
+    stable_diffusion_options: dict[str, Any] | None = None,
+    lcm_options: dict[str, Any] | None = None,
+    flux_options: dict[str, Any] | None = None,
+) -> Application:
+    """The application graph: Router -> StableDiffusion, LCM, Flux -> AdapterFetcher, from one config."""
     if config.is_demo:
         logger.warning(
             "DEMO PROFILE: every model name is served by tiny random-weight stand-ins; images are noise. "
@@ -46,7 +52,9 @@ def assemble(config: AppConfig, stable_diffusion_options: dict[str, Any] | None 
     settings = config.model_dump(mode="json")
     fetcher = AdapterFetcher.bind(settings)
     stable_diffusion = StableDiffusion.options(**with_model_replica_env(stable_diffusion_options))
-    return Router.bind(stable_diffusion.bind(settings, fetcher), settings)
+    lcm = LCM.options(**with_model_replica_env(lcm_options))
+    flux = Flux.options(**with_model_replica_env(flux_options))
+    return Router.bind(stable_diffusion.bind(settings, fetcher), lcm.bind(settings, fetcher), flux.bind(settings, fetcher), settings)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

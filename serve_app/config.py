@@ -33,6 +33,29 @@ class ModelAlias(_Frozen):
     variant: str | None = None
 
 
+class LcmModel(_Frozen):
+    """What `fal-ai/lcm`'s `model` names: an LCM-distilled model, or a base model plus an LCM-LoRA."""
+
+    source: str = Field(description="HF repo id, URL, local path or alias of the model")
+    architecture: Architecture
+    lcm_lora: str | None = Field(None, description="LCM-LoRA (HF repo id or URL) applied to a base model")
+
+
+def _default_lcm_models() -> dict[str, LcmModel]:
+    return {
+        "sdv1-5": LcmModel(source="SimianLuo/LCM_Dreamshaper_v7", architecture="sd"),
+        "sdxl": LcmModel(source="stabilityai/stable-diffusion-xl-base-1.0", architecture="sdxl", lcm_lora="latent-consistency/lcm-lora-sdxl"),
+    }
+
+
+class RealtimeSettings(_Frozen):
+    """The realtime WebSocket (`/fal-ai/lcm/realtime`)."""
+
+    idle_timeout_s: float = Field(60.0, description="a socket with no frame for this long is closed with TIMEOUT")
+    default_max_buffering: int = Field(2, ge=1, le=60, description="frames kept while one is being served (newest win)")
+    token_ttl_s: int = Field(120, description="lifetime of tokens issued at POST /tokens/")
+
+
 class Limits(_Frozen):
     """Bounds checked before any work reaches a GPU."""
 
@@ -127,6 +150,9 @@ class AppConfig(BaseSettings):
     )
     device: DeviceSettings = DeviceSettings()
     weights: WeightsSettings = WeightsSettings()
+    lcm_models: dict[str, LcmModel] = Field(default_factory=_default_lcm_models, description="fal-ai/lcm's `model` values")
+    flux_model: str = Field("black-forest-labs/FLUX.1-dev", description="what fal-ai/flux-lora runs: HF id, local path or alias")
+    realtime: RealtimeSettings = RealtimeSettings()
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from serve_app.config import AppConfig, FileStoreSettings
 from serve_app.errors import InputError
+from serve_app.schemas.common import Image as ImageOutput
 from serve_app.url_guard import UrlFetchError, fetch
 
 FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpg|safetensors)$")
@@ -162,6 +163,30 @@ def make_output_store(settings: FileStoreSettings) -> OutputStore:
 
 def data_uri(data: bytes, content_type: str) -> str:
     return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
+
+
+def publish_images(store: OutputStore, images: list[np.ndarray], image_format: str, sync_mode: bool, base_url: str) -> list[ImageOutput]:
+    """Encode generated pixels and hand them out as fal's `Image` objects: stored files with
+    unguessable names, or data URIs (`sync_mode`), for every endpoint family alike."""
+    published = []
+    for pixels in images:
+        encoded = encode_image(pixels, image_format)
+        if sync_mode:
+            url, name = data_uri(encoded.data, encoded.content_type), None
+        else:
+            name = store.save(encoded.data, encoded.extension, encoded.content_type)
+            url = store.url(name, base_url)
+        published.append(
+            ImageOutput(
+                url=url,
+                content_type=encoded.content_type,
+                file_name=name or f"image.{encoded.extension}",
+                file_size=len(encoded.data),
+                width=encoded.width,
+                height=encoded.height,
+            )
+        )
+    return published
 
 
 # --- inputs --------------------------------------------------------------------------------

@@ -8,20 +8,26 @@ real annotations on the route methods.)
 """
 
 
+import json
 import logging
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
-from serve_app.errors import FalError, fal_error_response, install_error_handlers
+from serve_app.errors import FalError, InputError, fal_error_response, install_error_handlers
 from serve_app.files import InputFiles, LocalFileStore, make_output_store
+from serve_app.realtime import BadFrame, RealtimeSession, max_buffering_of
+from serve_app.schemas.flux import FluxImageToImageInput, FluxInpaintInput, FluxOutput, FluxTextToImageInput
+from serve_app.schemas.lcm import LcmInput, LcmOutput
 from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
-from serve_app.services.lora import LoraService, Published
+from serve_app.services.flux import FluxService
+from serve_app.services.lcm import LcmService
+from serve_app.services.lora import LoraService
 
 logger = logging.getLogger("diffusion_serve.router")
 
@@ -83,7 +89,7 @@ def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def _respond(published: Published) -> JSONResponse:
+def _respond(published) -> JSONResponse:
     """The output as JSON, already validated by construction (no second pass through FastAPI)."""
     headers = {
         BATCH_SIZE_HEADER: str(published.result.batch_size),
@@ -97,11 +103,15 @@ def _respond(published: Published) -> JSONResponse:
 @serve.deployment(name="Router", max_ongoing_requests=256)
 @serve.ingress(api)
 class Router:
-    def __init__(self, stable_diffusion: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, stable_diffusion: DeploymentHandle, lcm: DeploymentHandle, flux: DeploymentHandle, config: dict[str, Any] | None = None
+    ) -> None:
         self.config = AppConfig.from_args(config)
         self.store = make_output_store(self.config.files)
         self.inputs = InputFiles(self.config, self.store)
         self.lora = LoraService(stable_diffusion, self.config, self.inputs, self.store)
+        self.lcm = LcmService(lcm, self.config, self.inputs, self.store)
+        self.flux = FluxService(flux, self.config, self.inputs, self.store)
         logger.info("router up, profile %s", self.config.profile)
 
     @api.post("/fal-ai/lora", response_model=LoraOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/lora"])
@@ -118,6 +128,63 @@ class Router:
     async def lora_inpaint(self, body: LoraInpaintInput, request: Request) -> JSONResponse:
         """Inpainting: white pixels of `mask_url` are repainted."""
         return _respond(await self.lora.run("inpaint", body, _base_url(request), request.state.request_id))
+
+    @api.post("/fal-ai/lcm", response_model=LcmOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/lcm"])
+    async def lcm(self, body: LcmInput, request: Request) -> JSONResponse:
+        """Latent consistency in 4 steps: text to image, image to image (`image_url`), inpainting (+ `mask_url`)."""
+        return _respond(await self.lcm.run(body, _base_url(request), request.state.request_id))
+
+    @api.websocket("/fal-ai/lcm/realtime")
+    async def lcm_realtime(self, websocket: WebSocket) -> None:
+        """fal's realtime protocol: msgpack (or JSON) inputs in, msgpack outputs and timings out."""
+        await websocket.accept()
+        try:
+            max_buffering = max_buffering_of(websocket, self.config.realtime.default_max_buffering)
+        except BadFrame as exc:
+            await websocket.send_text(json.dumps({"type": "x-fal-error", "error": exc.error, "reason": exc.reason}))
+            await websocket.close(code=1008)
+            return
+        base_url = str(websocket.base_url).replace("ws", "http", 1).rstrip("/")
+
+        async def serve_frame(body: LcmInput, request_id: str) -> tuple[dict[str, Any], float]:
+            run = await self.lcm.run(body, base_url, request_id, sync_mode=True)
+            return run.output.model_dump(mode="json"), run.result.inference_time_s
+
+        await RealtimeSession(websocket, LcmInput, serve_frame, max_buffering, self.config.realtime.idle_timeout_s).run()
+
+    @api.post("/fal-ai/flux-lora", response_model=FluxOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/flux-lora"])
+    async def flux_text_to_image(self, body: FluxTextToImageInput, request: Request) -> JSONResponse:
+        """FLUX.1-dev text to image, with any number of LoRAs."""
+        return _respond(await self.flux.run("text-to-image", body, _base_url(request), request.state.request_id))
+
+    @api.post("/fal-ai/flux-lora/image-to-image", response_model=FluxOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/flux-lora"])
+    async def flux_image_to_image(self, body: FluxImageToImageInput, request: Request) -> JSONResponse:
+        """FLUX.1-dev image to image: `strength` of noise over `image_url`, then denoised."""
+        return _respond(await self.flux.run("image-to-image", body, _base_url(request), request.state.request_id))
+
+    @api.post("/fal-ai/flux-lora/inpainting", response_model=FluxOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/flux-lora"])
+    async def flux_inpainting(self, body: FluxInpaintInput, request: Request) -> JSONResponse:
+        """FLUX.1-dev inpainting: white pixels of `mask_url` are repainted."""
+        return _respond(await self.flux.run("inpaint", body, _base_url(request), request.state.request_id))
+
+    @api.post("/fal-ai/flux-lora/stream", responses=VALIDATION_RESPONSE, tags=["fal-ai/flux-lora"])
+    async def flux_stream(self, body: FluxTextToImageInput, request: Request) -> StreamingResponse:
+        """Server-sent events: `{"type": "progress", "step", "total", "message"}` per denoising
+        step, then the output (as `POST /fal-ai/flux-lora` returns it)."""
+        events = self.flux.stream(body, _base_url(request), request.state.request_id)
+        first = await events.__anext__()  # errors before the first event are plain HTTP errors
+
+        async def sse():
+            yield f"data: {json.dumps(first)}\n\n"
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event)}\n\n"
+            except InputError as exc:
+                yield f"data: {json.dumps({'type': 'error', 'detail': exc.detail()})}\n\n"
+            except FalError as exc:
+                yield f"data: {json.dumps({'type': 'error', **exc.body()})}\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.get("/files/{name}", tags=["files"])
     async def file(self, name: str):

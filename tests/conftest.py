@@ -152,7 +152,7 @@ def image_server() -> Iterator[ImageServer]:
 def ray_cluster() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=6, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -186,8 +186,15 @@ def stack(ray_cluster, files_dir, test_ca) -> Iterator[str]:
         limits={"max_input_image_bytes": 2 * 1024 * 1024, "max_pixels": 1024 * 1024},
         batching={"max_wait_ms": 30.0},
         weights={"cache_dir": str(files_dir.parent / "weights"), "max_file_bytes": 4 * 1024 * 1024},
+        realtime={"idle_timeout_s": 6.0},
     )
-    app = assemble(config, {"ray_actor_options": {"num_gpus": 1, "num_cpus": 1}})
+    # SD and FLUX take a whole (fake) GPU each, LCM half of one, as in production.yaml.
+    app = assemble(
+        config,
+        {"ray_actor_options": {"num_gpus": 1, "num_cpus": 1}},
+        {"ray_actor_options": {"num_gpus": 0.5, "num_cpus": 1}},
+        {"ray_actor_options": {"num_gpus": 1, "num_cpus": 1}},
+    )
     serve.run(app, name="diffusion-serve", route_prefix="/")
     url = f"https://localhost:{port}"
     yield url

@@ -21,16 +21,19 @@ def test_serve_config_is_valid_and_builds(name, profile):
     assert app.import_path == "serve_app.app:build_app" and app.route_prefix == "/"
     config = AppConfig.from_args(app.args)
     assert config.profile == profile
-    assert {d.name for d in app.deployments} == {"Router", "StableDiffusion", "AdapterFetcher"}
+    assert {d.name for d in app.deployments} == {"Router", "StableDiffusion", "LCM", "Flux", "AdapterFetcher"}
     build_app(app.args)  # the same call `serve run` makes
 
 
-def test_demo_asks_for_no_gpu_and_production_for_one_each():
+def test_demo_asks_for_no_gpu_production_one_per_sd_replica_and_half_per_lcm_replica():
     demo = yaml.safe_load((CLUSTER / "demo.yaml").read_text())["applications"][0]["deployments"]
     prod = yaml.safe_load((CLUSTER / "production.yaml").read_text())["applications"][0]["deployments"]
     gpus = lambda deployments: {d["name"]: d.get("ray_actor_options", {}).get("num_gpus", 0) for d in deployments}  # noqa: E731
-    assert gpus(demo)["StableDiffusion"] == 0
+    assert gpus(demo)["StableDiffusion"] == gpus(demo)["LCM"] == 0
     assert gpus(prod)["StableDiffusion"] == 1
+    assert 0 < gpus(prod)["LCM"] < 1  # LCM replicas share a GPU
+    flux = next(d for d in prod if d["name"] == "Flux")
+    assert gpus(prod)["Flux"] == 1 and flux["autoscaling_config"]["min_replicas"] == 0  # scale to zero
     sd = next(d for d in prod if d["name"] == "StableDiffusion")
     assert sd["max_ongoing_requests"] > sd["autoscaling_config"]["target_ongoing_requests"]
 
@@ -45,5 +48,6 @@ def test_model_replicas_get_the_same_environment_as_assembled_apps(name):
     from serve_app.app import MODEL_REPLICA_ENV
 
     deployments = yaml.safe_load((CLUSTER / name).read_text())["applications"][0]["deployments"]
-    sd = next(d for d in deployments if d["name"] == "StableDiffusion")
-    assert sd["ray_actor_options"]["runtime_env"]["env_vars"] == MODEL_REPLICA_ENV
+    for name in ("StableDiffusion", "LCM", "Flux"):
+        model = next(d for d in deployments if d["name"] == name)
+        assert model["ray_actor_options"]["runtime_env"]["env_vars"] == MODEL_REPLICA_ENV

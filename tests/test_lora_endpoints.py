@@ -149,9 +149,10 @@ def test_num_images_gives_distinct_images_each_reproducible(http):
     images = [fetch_image(http, im) for im in out["images"]]
     assert len(images) == 3 and out["has_nsfw_concepts"] == [False] * 3
     assert not np.array_equal(images[0], images[1])
-    # Image i of seed s is image 0 of seed s + i.
+    # Image i of seed s is image 0 of seed s + i (up to float summation order: the CPU's
+    # convolutions pick their kernels by batch size).
     alone = fetch_image(http, http.post("/fal-ai/lora", json=small(seed=101)).json()["images"][0])
-    assert np.array_equal(images[1], alone)
+    assert np.abs(images[1].astype(int) - alone).max() <= 1
 
 
 def test_concurrent_compatible_requests_share_batches_and_keep_their_images(http):
@@ -162,8 +163,10 @@ def test_concurrent_compatible_requests_share_batches_and_keep_their_images(http
     assert all(r.status_code == 200 for r in responses)
     batch_sizes = [int(r.headers["x-diffusion-serve-batch-size"]) for r in responses]
     assert max(batch_sizes) > 1, batch_sizes  # batching happened
-    # The reference request got exactly the image it got alone.
-    assert np.array_equal(fetch_image(http, responses[-1].json()["images"][0]), reference)
+    # The reference request got the image it got alone, up to float summation order (a batch of
+    # eight runs other convolution kernels than a batch of one): at most one level in 8 bits.
+    batched = fetch_image(http, responses[-1].json()["images"][0]).astype(int)
+    assert np.abs(batched - reference).max() <= 1 and (batched != reference).mean() < 0.01
 
 
 def test_incompatible_requests_are_never_mixed(http):

@@ -12,8 +12,9 @@ import torch
 from deployments.common.jobs import ImageJob, ModelRef
 from deployments.common.lora import ResolvedLora, is_mixable
 from deployments.common.model_sources import ModelRegistry
+from deployments.common.replica import split_by_lora_budget
 from deployments.common.safety import SafetyChecker
-from deployments.stable_diffusion import Adapters, load_sd_model, run_sd_batch, split_by_lora_budget
+from deployments.stable_diffusion import Adapters, load_sd_model, run_sd_batch
 from deployments.tiny_models import ensure_tiny_model
 from serve_app.config import AppConfig
 

@@ -1,7 +1,7 @@
 """Base models live in per-replica LRUs behind @serve.multiplexed: requests follow their model.
 
-A second application on the shared cluster: two StableDiffusion replicas, each on a fake GPU and
-holding one base model at most, so a model that bounced between replicas would reload every time.
+A second application on the shared cluster: two StableDiffusion replicas, each on half a fake GPU
+(the main stack holds 2.5 of the cluster's 4) and holding one base model at most, so a model that bounced between replicas would reload every time.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def two_replicas(stack, files_dir, test_ca):
         network={"allowed_networks": [f"{IMAGE_HOST}/32"]},
         weights={"cache_dir": str(files_dir.parent / "weights-mx")},
     )
-    app = assemble(config, {"num_replicas": 2, "ray_actor_options": {"num_gpus": 1, "num_cpus": 1}})
+    idle = {"ray_actor_options": {"num_cpus": 0}}  # this app's LCM and FLUX replicas are not used here
+    app = assemble(config, {"num_replicas": 2, "ray_actor_options": {"num_gpus": 0.5, "num_cpus": 1}}, idle, idle)
     serve.run(app, name="multiplexing", route_prefix="/mx")
     with httpx.Client(base_url=f"{stack}/mx", timeout=120, verify=test_ca.ssl_context()) as client:
         yield client

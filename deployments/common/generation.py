@@ -1,7 +1,7 @@
 """The family-independent half of a batched pipeline call.
 
 `expand` turns jobs into per-image items (prompt, negative prompt, one seeded generator each, input
-image and mask); the family's code calls its pipeline with `output_type="latent"`; `finish` decodes,
+image and mask); the family's code calls its pipeline for latents (`denoise`); `finish` decodes,
 runs the safety checker and splits the pixels back into one result per job (the router encodes). Each image
 owns a CPU generator seeded `seed + i`, so its noise (initial and per-step) is the same whether
 its job ran alone or beside others.
@@ -10,6 +10,7 @@ its job ran alone or beside others.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 
 from deployments.common.images import to_pil_mask, to_pil_rgb
-from deployments.common.jobs import ImageJob, JobResult
+from deployments.common.jobs import ImageJob, JobInputError, JobResult
 from deployments.common.safety import SafetyChecker, blacken
 from deployments.common.vae_decode import decode_latents
 
@@ -69,14 +70,33 @@ def expand(jobs: list[ImageJob]) -> BatchItems:
     return items
 
 
-class StepLatents:
-    """A `callback_on_step_end` that keeps every step's latents (for `debug_per_pass_latents`)."""
+def denoise(pipe, kwargs: dict) -> torch.Tensor:
+    """Run a pipeline up to its final latents (`finish` decodes them). Settings diffusers rejects
+    only when called (a timestep schedule the scheduler cannot follow, ...) are the request's
+    fault, not the server's."""
+    try:
+        return pipe(**{**kwargs, "output_type": "latent"}).images
+    except ValueError as exc:
+        raise JobInputError((), f"the pipeline rejected these settings: {exc}", "invalid_settings") from None
 
-    def __init__(self) -> None:
+
+class StepCallback:
+    """A `callback_on_step_end`: reports each finished denoising step (for progress) and, for
+    `debug_per_pass_latents`, keeps every step's latents."""
+
+    def __init__(self, keep_latents: bool = False, on_step: Callable[[int, int], None] | None = None) -> None:
+        self.keep_latents = keep_latents
+        self.on_step = on_step
         self.steps: list[torch.Tensor] = []
 
+    def __bool__(self) -> bool:
+        return self.keep_latents or self.on_step is not None
+
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        self.steps.append(callback_kwargs["latents"].detach().to("cpu", torch.float32).clone())
+        if self.keep_latents:
+            self.steps.append(callback_kwargs["latents"].detach().to("cpu", torch.float32).clone())
+        if self.on_step is not None:
+            self.on_step(step + 1, int(getattr(pipe, "num_timesteps", 0) or 0))
         return callback_kwargs
 
 
@@ -91,7 +111,7 @@ def finish(
     items: BatchItems,
     safety: SafetyChecker,
     started: float,
-    step_latents: StepLatents | None = None,
+    step_latents: StepCallback | None = None,
 ) -> list[JobResult]:
     decoded = decode_latents(pipe.vae, latents, jobs[0].tiling)
     images: list[Image.Image] = pipe.image_processor.postprocess(decoded, output_type="pil")

@@ -120,6 +120,7 @@ class ImageJob:
     eta: float = 0.0
     prompt_weighting: bool = False
     loras: tuple[tuple[str, float], ...] = ()  # (path as the user gave it, scale)
+    lcm_lora: str | None = None  # an operator-configured LCM-LoRA, applied at scale 1 before `loras`
     embeddings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (path, tokens)
     controlnets: tuple[ControlNetInput, ...] = ()
     controlnet_guess_mode: bool = False
@@ -137,7 +138,7 @@ class ImageJob:
         requests for a LoRA set (or ControlNets, IP-Adapters) reach replicas that already hold it.
         Requests without adapters go to any replica that holds the base model."""
         adapters = (
-            sorted(self.loras),
+            sorted(self.loras) + ([(self.lcm_lora, 1.0)] if self.lcm_lora else []),
             sorted(c.path for c in self.controlnets),
             sorted((a.path, a.model_subfolder, a.weight_name) for a in self.ip_adapters),
         )

@@ -53,6 +53,13 @@ def is_mixable(path: Path) -> bool:
         return not any(marker in key for key in f.keys() for marker in UNMIXABLE_MARKERS)
 
 
+def lora_batch_key(loras: list[ResolvedLora]) -> tuple | str:
+    """Plain LoRAs ride the per-image mixer, so they do not split batches; others are one set per call."""
+    if all(lora.mixable for lora in loras):
+        return "mixed"
+    return tuple((lora.name, lora.scale) for lora in loras)
+
+
 class LoadedAdapters:
     """The adapters injected into one loaded model, least recently used first."""
 
@@ -73,8 +80,9 @@ class LoadedAdapters:
             self._forget(lora.name)
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise JobInputError(field, f"this LoRA does not fit the base model ({reason}); is it for the other architecture?", "lora_incompatible") from None
-        # diffusers skips keys that fit nothing; a LoRA must land in the UNet to be one.
-        if lora.name not in self.pipe.get_list_adapters().get("unet", []):
+        # diffusers skips keys that fit nothing; a LoRA must land in the denoiser to be one.
+        adapters = self.pipe.get_list_adapters()
+        if lora.name not in adapters.get("unet", []) + adapters.get("transformer", []):
             self._forget(lora.name)
             raise JobInputError(field, "no key of this LoRA fits a layer of the base model; is it for the other architecture?", "lora_incompatible")
         self._loaded[lora.name] = lora.path
@@ -110,6 +118,21 @@ class LoadedAdapters:
             self.pipe.set_adapters([lora.name for lora in loras], adapter_weights=[lora.scale for lora in loras])
         elif self._loaded:
             self.pipe.disable_lora()
+
+    def activate_for_jobs(self, per_job: list[list[ResolvedLora]], images_per_job: list[int]) -> None:
+        """A call's LoRAs, job by job (their files are the request's `loras[i].path`). Plain LoRAs go
+        through the mixer, even one set for the whole call (its stacked hook costs less per layer
+        than peft's adapter loop); other kinds through peft, one set for the call (such sets stay
+        in the batch key, so every job of the call has the same one)."""
+
+        def fields(loras: list[ResolvedLora]) -> list[tuple]:
+            return [("loras", i, "path") for i in range(len(loras))]
+
+        if all(lora.mixable for loras in per_job for lora in loras):
+            per_image = [loras for loras, n in zip(per_job, images_per_job) for _ in range(n)]
+            self.activate_per_image(per_image, [fields(loras) for loras in per_image])
+        else:
+            self.activate(per_job[0], fields(per_job[0]))
 
     def activate_per_image(self, per_image: list[list[ResolvedLora]], fields: list[list[tuple]]) -> None:
         """The mixed path: image i of the call gets `per_image[i]`, each at its own scale."""
@@ -232,7 +255,7 @@ class LoraMixer:
         """Hook LoRA layers not hooked yet (loading an adapter may wrap new layers)."""
         from peft.tuners.lora import LoraLayer
 
-        for attr in ("unet", "text_encoder", "text_encoder_2"):
+        for attr in ("unet", "transformer", "text_encoder", "text_encoder_2"):
             model = getattr(self.pipe, attr, None)
             if model is None:
                 continue

@@ -114,7 +114,9 @@ class ModelRegistry:
         base, detected = await self._base_source(name, variant, declared)
         architecture: Architecture = declared or detected or _guess_from_name(ref.model_name if alias is None else name)
         if base.stand_in:
-            base = WeightsSource(str(ensure_tiny_model("sdxl" if architecture == "sdxl" else "sd15")), "pretrained", variant, True)
+            # LCM-distilled models (by name) get the LCM stand-in: the same UNet plus LCM's guidance embedding.
+            tiny = ("sdxl" if architecture == "sdxl" else "sd15") + ("-lcm" if "lcm" in name.lower() else "")
+            base = WeightsSource(str(ensure_tiny_model(tiny)), "pretrained", variant, True)
             logger.warning(
                 "DEMO PROFILE: model %r is served by the tiny random-weight %s stand-in at %s. "
                 "Images are noise, not %r. Use the production profile for real weights.",
@@ -162,6 +164,14 @@ class ModelRegistry:
                 "model_load_error",
             ) from None
         return _architecture_from_class(_model_index_class(Path(path).parent))
+
+    async def lcm_lora(self, source: str, architecture: Architecture | None) -> Path:
+        """The operator's LCM-LoRA for a base model (the demo profile: a tiny stand-in LoRA)."""
+        if self.config.is_demo:
+            return ensure_tiny_model("sdxl-lcm-lora" if architecture == "sdxl" else "sd15-lcm-lora") / "pytorch_lora_weights.safetensors"
+        if self.weights is None:
+            raise JobInputError(("model",), "LCM-LoRAs need the weights cache", "model_load_error")
+        return await self.weights.get(source, ("model",), "pytorch_lora_weights.safetensors")
 
     async def image_encoder(
         self, adapter_path: str, subfolder: str | None, encoder_path: str | None, encoder_subpath: str | None, field: tuple

@@ -9,7 +9,9 @@ stack trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -22,16 +24,14 @@ from serve_app.errors import FalError, InputError
 logger = logging.getLogger("diffusion_serve.dispatch")
 
 
-async def call_model(
-    handle: serve.handle.DeploymentHandle, method: str, job: Any, model_id: str, timeout_s: float, request_id: str
-) -> Any:
-    response = getattr(handle.options(multiplexed_model_id=model_id), method).remote(job)
+@contextlib.contextmanager
+def _model_errors(request_id: str, timeout_s: float):
+    """fal's errors for what can go wrong in a model deployment (see the module doc)."""
     try:
-        return await asyncio.wait_for(response, timeout=timeout_s)
+        yield
     except JobInputError as exc:
         raise InputError.from_job_error(exc) from None
     except asyncio.TimeoutError:
-        response.cancel()
         raise FalError(504, f"the request did not finish within {timeout_s:.0f} s", "request_timeout") from None
     except BackPressureError:
         raise FalError(429, "the model deployment is at capacity; retry shortly", "runner_scheduling_failure") from None
@@ -43,3 +43,36 @@ async def call_model(
     except Exception:
         logger.exception("request %s failed in the model deployment", request_id)
         raise FalError(500, f"the model failed on this request (request id {request_id})", "runner_server_error") from None
+
+
+async def call_model(
+    handle: serve.handle.DeploymentHandle, method: str, job: Any, model_id: str, timeout_s: float, request_id: str
+) -> Any:
+    response = getattr(handle.options(multiplexed_model_id=model_id), method).remote(job)
+    with _model_errors(request_id, timeout_s):
+        try:
+            return await asyncio.wait_for(response, timeout=timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise
+
+
+async def stream_model(
+    handle: serve.handle.DeploymentHandle, method: str, job: Any, model_id: str, timeout_s: float, request_id: str
+) -> AsyncIterator[Any]:
+    """The items a streaming model method yields, with the same errors as `call_model`; the whole
+    stream must end within `timeout_s`."""
+    stream = getattr(handle.options(multiplexed_model_id=model_id, stream=True), method).remote(job)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    with _model_errors(request_id, timeout_s):
+        try:
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                try:
+                    item = await asyncio.wait_for(stream.__anext__(), timeout=max(0.001, left))
+                except StopAsyncIteration:
+                    return
+                yield item
+        except BaseException:
+            stream.cancel()
+            raise

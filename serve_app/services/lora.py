@@ -22,8 +22,8 @@ from ray.serve.handle import DeploymentHandle
 from deployments.common.jobs import ControlNetInput, ImageJob, IPAdapterInput, JobResult, Mode, ModelRef, Tiling
 from serve_app.config import AppConfig
 from serve_app.errors import InputError
-from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, encode_image
-from serve_app.schemas.common import File, Image, size_of
+from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, publish_images
+from serve_app.schemas.common import File, size_of
 from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
 from serve_app.services.dispatch import call_model
 
@@ -295,26 +295,8 @@ class LoraService:
         return Published(output, result, {k: 1000 * v for k, v in phases.items()})
 
     def publish(self, result: JobResult, image_format: str, sync_mode: bool, base_url: str) -> LoraOutput:
-        images = []
-        for pixels in result.images:
-            encoded = encode_image(pixels, image_format)
-            if sync_mode:
-                url, name = data_uri(encoded.data, encoded.content_type), None
-            else:
-                name = self.store.save(encoded.data, encoded.extension, encoded.content_type)
-                url = self.store.url(name, base_url)
-            images.append(
-                Image(
-                    url=url,
-                    content_type=encoded.content_type,
-                    file_name=name or f"image.{encoded.extension}",
-                    file_size=len(encoded.data),
-                    width=encoded.width,
-                    height=encoded.height,
-                )
-            )
         return LoraOutput(
-            images=images,
+            images=publish_images(self.store, result.images, image_format, sync_mode, base_url),
             seed=result.seed,
             has_nsfw_concepts=result.has_nsfw_concepts,
             debug_latents=self._latents_file(result.debug_latents, sync_mode, base_url),
