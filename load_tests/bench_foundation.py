@@ -147,6 +147,7 @@ def start_stack(args, **config_overrides) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig(
         profile="demo",
+        auth={"open": True},
         device={"cpu_threads": args.threads},
         batching={"max_wait_ms": args.max_wait_ms, "enabled": not args.no_batching},
         **config_overrides,

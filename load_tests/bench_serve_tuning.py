@@ -45,7 +45,7 @@ def deploy(args) -> str:
     ray.init(num_cpus=2 * len(VARIANTS) + 2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = AppConfig(profile="demo", device={"cpu_threads": args.threads}, batching={"max_wait_ms": 50}).model_dump(mode="json")
+    settings = AppConfig(profile="demo", auth={"open": True}, device={"cpu_threads": args.threads}, batching={"max_wait_ms": 50}).model_dump(mode="json")
     for name, env in VARIANTS.items():
         options = {"num_cpus": 1, "runtime_env": {"env_vars": env}}
         fetcher = AdapterFetcher.bind(settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve_app.url_guard import NetworkPolicy
@@ -53,7 +53,30 @@ class RealtimeSettings(_Frozen):
 
     idle_timeout_s: float = Field(60.0, description="a socket with no frame for this long is closed with TIMEOUT")
     default_max_buffering: int = Field(2, ge=1, le=60, description="frames kept while one is being served (newest win)")
-    token_ttl_s: int = Field(120, description="lifetime of tokens issued at POST /tokens/")
+
+
+class ApiKey(_Frozen):
+    """A client's key, known by its id; the key itself is never configured, only its sha256
+    (`python -m serve_app.auth new ID` makes a key and this entry)."""
+
+    id: str = Field(min_length=1, description="the key's name in logs and limits")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex sha256 of the key exactly as clients send it")
+    requests_per_minute: float | None = Field(None, gt=0, description="this key's rate limit; default auth.default_requests_per_minute")
+
+
+class AuthSettings(_Frozen):
+    """Who may call. No keys and not open: every request is refused (401) until keys are set."""
+
+    open: bool = Field(False, description="let every request in without a key (the demo profile's choice; never on a public address)")
+    keys: list[ApiKey] = Field(default_factory=list)
+    default_requests_per_minute: float | None = Field(None, gt=0, description="rate limit of keys without their own (per router replica)")
+    token_secret: SecretStr | None = Field(None, description="signs POST /tokens/ tokens; default derived from the key hashes")
+    token_ttl_s: float = Field(120.0, gt=0, le=3600, description="lifetime of tokens when the request names none")
+
+    @field_serializer("token_secret", when_used="json")
+    def _reveal(self, secret: SecretStr | None) -> str | None:
+        """The deployments get the config as JSON: the secret must survive that trip (its repr stays masked)."""
+        return secret.get_secret_value() if secret else None
 
 
 class Limits(_Frozen):
@@ -153,6 +176,7 @@ class AppConfig(BaseSettings):
     lcm_models: dict[str, LcmModel] = Field(default_factory=_default_lcm_models, description="fal-ai/lcm's `model` values")
     flux_model: str = Field("black-forest-labs/FLUX.1-dev", description="what fal-ai/flux-lora runs: HF id, local path or alias")
     realtime: RealtimeSettings = RealtimeSettings()
+    auth: AuthSettings = AuthSettings()
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:

@@ -40,11 +40,12 @@ class InputError(Exception):
 class FalError(Exception):
     """An infrastructure error: a status code, a message and one of fal's error types."""
 
-    def __init__(self, status_code: int, detail: str, error_type: str) -> None:
+    def __init__(self, status_code: int, detail: str, error_type: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status_code, detail, error_type)
         self.status_code = status_code
         self.detail = detail
         self.error_type = error_type
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
     def body(self) -> dict[str, str]:
         return {"detail": self.detail, "error_type": self.error_type}
@@ -56,7 +57,7 @@ def validation_response(detail: list[dict[str, Any]]) -> JSONResponse:
 
 def fal_error_response(err: FalError) -> JSONResponse:
     return JSONResponse(
-        status_code=err.status_code, content=err.body(), headers={"X-Fal-Error-Type": err.error_type}
+        status_code=err.status_code, content=err.body(), headers={"X-Fal-Error-Type": err.error_type, **err.headers}
     )
 
 

@@ -18,10 +18,12 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.auth import Authenticator
 from serve_app.config import AppConfig
 from serve_app.errors import FalError, InputError, fal_error_response, install_error_handlers
 from serve_app.files import InputFiles, LocalFileStore, make_output_store
 from serve_app.realtime import BadFrame, RealtimeSession, max_buffering_of
+from serve_app.schemas.auth import TokenRequest
 from serve_app.schemas.flux import FluxImageToImageInput, FluxInpaintInput, FluxOutput, FluxTextToImageInput
 from serve_app.schemas.lcm import LcmInput, LcmOutput
 from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
@@ -82,7 +84,38 @@ class RequestIdMiddleware:
             await response(scope, receive, send_with_id)
 
 
-api.add_middleware(RequestIdMiddleware)
+class AuthMiddleware:
+    """Every HTTP route but the public ones needs a key (or runs in open mode), within its rate.
+
+    The replica's `Authenticator` sits on the app's state (set by `Router.__init__`); the caller
+    lands on the request's state. Realtime sockets authenticate in their route, where an error
+    frame can say why."""
+
+    PUBLIC = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+    PUBLIC_PREFIXES = ("/files/", "/.well-known/")
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.PUBLIC or path.startswith(self.PUBLIC_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        authenticator: Authenticator = scope["app"].state.authenticator
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            caller = authenticator.caller_from_header(headers.get("authorization"))
+            authenticator.admit(caller)
+        except FalError as exc:
+            await fal_error_response(exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(AuthMiddleware)
+api.add_middleware(RequestIdMiddleware)  # outermost: refusals carry a request id too
 
 
 def _base_url(request: Request) -> str:
@@ -107,6 +140,8 @@ class Router:
         self, stable_diffusion: DeploymentHandle, lcm: DeploymentHandle, flux: DeploymentHandle, config: dict[str, Any] | None = None
     ) -> None:
         self.config = AppConfig.from_args(config)
+        self.authenticator = Authenticator(self.config.auth)
+        api.state.authenticator = self.authenticator
         self.store = make_output_store(self.config.files)
         self.inputs = InputFiles(self.config, self.store)
         self.lora = LoraService(stable_diffusion, self.config, self.inputs, self.store)
@@ -138,6 +173,13 @@ class Router:
     async def lcm_realtime(self, websocket: WebSocket) -> None:
         """fal's realtime protocol: msgpack (or JSON) inputs in, msgpack outputs and timings out."""
         await websocket.accept()
+        try:
+            caller = self.authenticator.caller_of_socket(websocket.headers, websocket.query_params, "fal-ai/lcm")
+            self.authenticator.admit(caller)
+        except FalError as exc:
+            await websocket.send_text(json.dumps({"type": "x-fal-error", "error": exc.error_type.upper(), "reason": exc.detail}))
+            await websocket.close(code=1008)
+            return
         try:
             max_buffering = max_buffering_of(websocket, self.config.realtime.default_max_buffering)
         except BadFrame as exc:
@@ -185,6 +227,13 @@ class Router:
                 yield f"data: {json.dumps({'type': 'error', **exc.body()})}\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @api.post("/tokens/", response_model=str, tags=["auth"])
+    async def tokens(self, body: TokenRequest, request: Request) -> JSONResponse:
+        """A short-lived token for the realtime socket (`?fal_jwt_token=`), so a browser needs no
+        key: a bare JSON string, as fal's token endpoint answers."""
+        ttl = body.token_expiration or self.config.auth.token_ttl_s
+        return JSONResponse(self.authenticator.issue_token(request.state.caller, body.allowed_apps, ttl))
 
     @api.get("/files/{name}", tags=["files"])
     async def file(self, name: str):

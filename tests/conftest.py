@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import collections
 import datetime
+import hashlib
 import io
 import ipaddress
 import socket
@@ -148,6 +149,19 @@ def image_server() -> Iterator[ImageServer]:
     server.server.shutdown()
 
 
+# The test stack requires keys, as production does: TEST_KEY (what the fal-client tests send as
+# FAL_KEY) and LIMITED_KEY (two requests a minute). Only their hashes are configured.
+TEST_KEY = "test-key-id:test-key-secret"
+LIMITED_KEY = "limited-key:slow-secret"
+TEST_AUTH = {
+    "keys": [
+        {"id": "test-key-id", "sha256": hashlib.sha256(TEST_KEY.encode()).hexdigest()},
+        {"id": "limited-key", "sha256": hashlib.sha256(LIMITED_KEY.encode()).hexdigest(), "requests_per_minute": 2},
+    ]
+}
+AUTH_HEADERS = {"Authorization": f"Key {TEST_KEY}"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     import ray
@@ -187,6 +201,7 @@ def stack(ray_cluster, files_dir, test_ca) -> Iterator[str]:
         batching={"max_wait_ms": 30.0},
         weights={"cache_dir": str(files_dir.parent / "weights"), "max_file_bytes": 4 * 1024 * 1024},
         realtime={"idle_timeout_s": 6.0},
+        auth=TEST_AUTH,
     )
     # SD and FLUX take a whole (fake) GPU each, LCM half of one, as in production.yaml.
     app = assemble(
@@ -203,5 +218,5 @@ def stack(ray_cluster, files_dir, test_ca) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def http(stack, test_ca) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack, timeout=120, verify=test_ca.ssl_context()) as client:
+    with httpx.Client(base_url=stack, timeout=120, verify=test_ca.ssl_context(), headers=AUTH_HEADERS) as client:
         yield client

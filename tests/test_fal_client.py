@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from tests.conftest import TEST_KEY
+
 pytestmark = pytest.mark.slow
 
 
@@ -21,7 +23,7 @@ def run_client(stack: str, test_ca, script: str) -> dict:
     env = dict(
         os.environ,
         FAL_RUN_HOST=stack.removeprefix("https://"),
-        FAL_KEY="test-key-id:test-key-secret",
+        FAL_KEY=TEST_KEY,
         SSL_CERT_FILE=str(test_ca.ca_file),
     )
     completed = subprocess.run(

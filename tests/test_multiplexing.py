@@ -20,7 +20,7 @@ def two_replicas(stack, files_dir, test_ca):
 
     from serve_app.app import assemble
     from serve_app.config import AppConfig
-    from tests.conftest import IMAGE_HOST
+    from tests.conftest import AUTH_HEADERS, IMAGE_HOST, TEST_AUTH
 
     config = AppConfig(
         profile="demo",
@@ -28,11 +28,12 @@ def two_replicas(stack, files_dir, test_ca):
         max_models_per_replica=1,
         network={"allowed_networks": [f"{IMAGE_HOST}/32"]},
         weights={"cache_dir": str(files_dir.parent / "weights-mx")},
+        auth=TEST_AUTH,
     )
     idle = {"ray_actor_options": {"num_cpus": 0}}  # this app's LCM and FLUX replicas are not used here
     app = assemble(config, {"num_replicas": 2, "ray_actor_options": {"num_gpus": 0.5, "num_cpus": 1}}, idle, idle)
     serve.run(app, name="multiplexing", route_prefix="/mx")
-    with httpx.Client(base_url=f"{stack}/mx", timeout=120, verify=test_ca.ssl_context()) as client:
+    with httpx.Client(base_url=f"{stack}/mx", timeout=120, verify=test_ca.ssl_context(), headers=AUTH_HEADERS) as client:
         yield client
     serve.delete("multiplexing")
 

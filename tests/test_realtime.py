@@ -14,6 +14,7 @@ import msgpack
 import pytest
 import websockets
 
+from tests.conftest import AUTH_HEADERS
 from tests.test_fal_client import run_client
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ async def receive_result(ws) -> tuple[dict, dict]:
 
 def session(stack, test_ca, query: str = ""):
     context = ssl.create_default_context(cafile=str(test_ca.ca_file))
-    return websockets.connect(ws_url(stack, query), ssl=context, additional_headers={"Authorization": "Key test:secret"}, max_size=2**24)
+    return websockets.connect(ws_url(stack, query), ssl=context, additional_headers=AUTH_HEADERS, max_size=2**24)
 
 
 def test_outputs_come_with_a_timings_frame_and_json_input_works(stack, test_ca):
