@@ -27,6 +27,7 @@ from serve_app.schemas.auth import TokenRequest
 from serve_app.schemas.flux import FluxImageToImageInput, FluxInpaintInput, FluxOutput, FluxTextToImageInput
 from serve_app.schemas.lcm import LcmInput, LcmOutput
 from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
+from serve_app.services.dispatch import Run
 from serve_app.services.flux import FluxService
 from serve_app.services.lcm import LcmService
 from serve_app.services.lora import LoraService
@@ -122,7 +123,7 @@ def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def _respond(published) -> JSONResponse:
+def _respond(published: Run) -> JSONResponse:
     """The output as JSON, already validated by construction (no second pass through FastAPI)."""
     headers = {
         BATCH_SIZE_HEADER: str(published.result.batch_size),

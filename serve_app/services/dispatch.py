@@ -11,17 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.common.jobs import JobInputError
+from deployments.common.jobs import ImageJob, JobInputError, JobResult
 from serve_app.errors import FalError, InputError
 
 logger = logging.getLogger("diffusion_serve.dispatch")
+
+Output = TypeVar("Output")
 
 
 @contextlib.contextmanager
@@ -43,6 +47,36 @@ def _model_errors(request_id: str, timeout_s: float):
     except Exception:
         logger.exception("request %s failed in the model deployment", request_id)
         raise FalError(500, f"the model failed on this request (request id {request_id})", "runner_server_error") from None
+
+
+@dataclass
+class Run(Generic[Output]):
+    """A served request: its output, the model's result, and where the router's time went (for
+    the Server-Timing header)."""
+
+    output: Output
+    result: JobResult
+    phases_ms: dict[str, float]
+
+
+async def run_job(
+    handle: serve.handle.DeploymentHandle,
+    job: Awaitable[ImageJob],
+    publish: Callable[[ImageJob, JobResult], Output],
+    timeout_s: float,
+    request_id: str,
+) -> Run[Output]:
+    """Every endpoint's synchronous path: build the job (validation, input files), run it on the
+    model deployment, publish its images off the event loop; each phase timed."""
+    t0 = time.perf_counter()
+    built = await job
+    t1 = time.perf_counter()
+    result: JobResult = await call_model(handle, "generate", built, built.routing_key(), timeout_s, request_id)
+    t2 = time.perf_counter()
+    output = await asyncio.to_thread(publish, built, result)
+    t3 = time.perf_counter()
+    phases = {"input": t1 - t0, "model": t2 - t1, "inference": result.inference_time_s, "publish": t3 - t2}
+    return Run(output, result, {name: 1000 * seconds for name, seconds in phases.items()})
 
 
 async def call_model(

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import secrets
-import time
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image as PILImage
@@ -25,7 +22,8 @@ from serve_app.errors import InputError
 from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, publish_images
 from serve_app.schemas.common import File, size_of
 from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
-from serve_app.services.dispatch import call_model
+from serve_app.services.dispatch import Run, run_job
+from serve_app.services.source_images import check_pixels, check_scale, check_strength, fetch_sources, fit
 
 LoraInput = LoraTextToImageInput | LoraImageToImageInput | LoraInpaintInput
 
@@ -35,13 +33,6 @@ IC_LIGHT = ("ic_light_model_url", "ic_light_model_background_image_url", "ic_lig
 
 async def _none() -> None:
     return None
-
-
-@dataclass
-class Published:
-    output: LoraOutput
-    result: JobResult
-    phases_ms: dict[str, float]  # where the router's time went, for the Server-Timing header
 
 
 def _fit(image: InputImage, width: int, height: int) -> np.ndarray:
@@ -60,21 +51,6 @@ def _shrink(image: InputImage, longest: int) -> np.ndarray:
     return np.asarray(PILImage.fromarray(image.pixels).resize(size, PILImage.Resampling.LANCZOS))
 
 
-def _check_scale(value: float, loc: list[str | int], bound: float = 10.0) -> None:
-    if not math.isfinite(value) or abs(value) > bound:
-        raise InputError(loc, f"must be a number between -{bound:g} and {bound:g}", "value_error")
-
-
-def _round_to_8(image: InputImage) -> np.ndarray:
-    """The VAE needs sides divisible by 8: crop-free resize down to the nearest multiple."""
-    width, height = image.size
-    w8, h8 = width - width % 8, height - height % 8
-    if (w8, h8) == (width, height):
-        return image.pixels
-    resample = PILImage.Resampling.LANCZOS if image.pixels.ndim == 3 else PILImage.Resampling.NEAREST
-    return np.asarray(PILImage.fromarray(image.pixels).resize((w8, h8), resample))
-
-
 class LoraService:
     def __init__(self, model: DeploymentHandle, config: AppConfig, inputs: InputFiles, store: OutputStore) -> None:
         self.model = model
@@ -87,54 +63,30 @@ class LoraService:
             if getattr(body, name):
                 raise InputError(["body", name], "IC-Light relighting is not served by this server", "not_supported")
 
-    def _check_size(self, width: int, height: int, loc: list[str | int]) -> None:
-        limit = self.config.limits.max_pixels
-        if width * height > limit:
-            raise InputError(loc, f"{width}x{height} is {width * height} pixels; this server allows at most {limit}", "image_too_large")
-        if width < 8 or height < 8:
-            raise InputError(loc, "images must be at least 8x8 pixels", "image_too_small")
-
     async def _inputs(self, mode: Mode, body: LoraInput, base_url: str) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
+        """The source image and mask at their own size, sides rounded down to the VAE's 8."""
         if mode == "text-to-image":
             width, height = size_of(body.image_size)
-            self._check_size(width, height, ["body", "image_size"])
+            check_pixels(self.config.limits, width, height, ["body", "image_size"])
             return None, None, width, height
-        fetches = [self.inputs.image(body.image_url, ["body", "image_url"], base_url)]
-        if mode == "inpaint":
-            fetches.append(self.inputs.image(body.mask_url, ["body", "mask_url"], base_url, mode="L"))
-        loaded = await asyncio.gather(*fetches)
-        image = loaded[0]
-        self._check_size(*image.size, ["body", "image_url"])
-        mask = None
-        if mode == "inpaint":
-            if loaded[1].size != image.size:
-                raise InputError(
-                    ["body", "mask_url"],
-                    f"mask is {loaded[1].size[0]}x{loaded[1].size[1]} but the image is {image.size[0]}x{image.size[1]}; they must match",
-                    "mask_size_mismatch",
-                )
-            mask = _round_to_8(loaded[1])
-        pixels = _round_to_8(image)
+        sources = await fetch_sources(self.inputs, body.image_url, body.mask_url if mode == "inpaint" else None, base_url)
+        check_pixels(self.config.limits, *sources.image.size, ["body", "image_url"])
+        pixels = fit(sources.image)
+        mask = fit(sources.mask) if sources.mask is not None else None
         return pixels, mask, pixels.shape[1], pixels.shape[0]
 
     def _strength(self, mode: Mode, body: LoraInput) -> float:
         if mode == "text-to-image":
             return 1.0
-        strength = body.noise_strength
         steps = len(body.timesteps.array or body.sigmas.array) or body.num_inference_steps
-        if int(steps * strength) < 1:
-            raise InputError(
-                ["body", "noise_strength"],
-                f"noise_strength {strength} leaves no denoising step out of {steps}; use at least {1 / steps:.3f} or more steps",
-                "value_error",
-            )
-        return strength
+        check_strength(body.noise_strength, steps, ["body", "noise_strength"])
+        return body.noise_strength
 
     def _check_controlnets(self, body: LoraInput) -> None:
         if len(body.controlnets) > self.config.limits.max_controlnets:
             raise InputError(["body", "controlnets"], f"at most {self.config.limits.max_controlnets} ControlNets per request", "value_error")
         for i, c in enumerate(body.controlnets):
-            _check_scale(c.conditioning_scale, ["body", "controlnets", i, "conditioning_scale"])
+            check_scale(c.conditioning_scale, ["body", "controlnets", i, "conditioning_scale"])
             if c.start_percentage >= c.end_percentage:
                 raise InputError(["body", "controlnets", i, "end_percentage"], "end_percentage must be greater than start_percentage", "value_error")
             if c.ip_adapter_index is not None:
@@ -174,7 +126,7 @@ class LoraService:
             urls = a.ip_adapter_image_url if isinstance(a.ip_adapter_image_url, list) else [a.ip_adapter_image_url]
             if not 1 <= len(urls) <= limits.max_ip_adapter_images:
                 raise InputError([*loc, "ip_adapter_image_url"], f"give 1 to {limits.max_ip_adapter_images} reference images", "value_error")
-            _check_scale(a.scale, [*loc, "scale"])
+            check_scale(a.scale, [*loc, "scale"])
             unserved = {
                 "insight_face_model_path": (a.insight_face_model_path is not None, "FaceID IP-Adapters (insight_face_model_path) are not served by this server"),
                 "unconditional_noising_factor": (a.unconditional_noising_factor != 0, "unconditional_noising_factor is not served by this server; leave it at 0"),
@@ -227,8 +179,7 @@ class LoraService:
         if len(body.loras) > self.config.limits.max_loras:
             raise InputError(["body", "loras"], f"at most {self.config.limits.max_loras} LoRAs per request", "value_error")
         for i, lora in enumerate(body.loras):
-            if not math.isfinite(lora.scale) or abs(lora.scale) > 10:
-                raise InputError(["body", "loras", i, "scale"], "scale must be a number between -10 and 10", "value_error")
+            check_scale(lora.scale, ["body", "loras", i, "scale"])
         if len(body.embeddings) > self.config.limits.max_loras:
             raise InputError(["body", "embeddings"], f"at most {self.config.limits.max_loras} embeddings per request", "value_error")
         seen: set[str] = set()
@@ -281,18 +232,12 @@ class LoraService:
             debug_per_pass_latents=body.debug_per_pass_latents,
         )
 
-    async def run(self, mode: Mode, body: LoraInput, base_url: str, request_id: str) -> Published:
-        t0 = time.perf_counter()
-        job = await self.job(mode, body, base_url, request_id)
-        t1 = time.perf_counter()
-        result: JobResult = await call_model(
-            self.model, "generate", job, job.routing_key(), self.config.limits.request_timeout_s, request_id
-        )
-        t2 = time.perf_counter()
-        output = await asyncio.to_thread(self.publish, result, body.image_format, body.sync_mode, base_url)
-        t3 = time.perf_counter()
-        phases = {"input": t1 - t0, "model": t2 - t1, "inference": result.inference_time_s, "publish": t3 - t2}
-        return Published(output, result, {k: 1000 * v for k, v in phases.items()})
+    async def run(self, mode: Mode, body: LoraInput, base_url: str, request_id: str) -> Run[LoraOutput]:
+        def publish(job: ImageJob, result: JobResult) -> LoraOutput:
+            return self.publish(result, body.image_format, body.sync_mode, base_url)
+
+        job = self.job(mode, body, base_url, request_id)
+        return await run_job(self.model, job, publish, self.config.limits.request_timeout_s, request_id)
 
     def publish(self, result: JobResult, image_format: str, sync_mode: bool, base_url: str) -> LoraOutput:
         return LoraOutput(
