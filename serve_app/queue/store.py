@@ -1,0 +1,157 @@
+"""The durable job store's contract: what a queued job is, and what every store must do.
+
+A job moves IN_QUEUE -> IN_PROGRESS -> COMPLETED (fal knows only these three; a failed or
+cancelled job is COMPLETED with an error result). Order: FIFO within a priority, every `normal`
+job before any `low` one; `queue_position` is exact (jobs ahead of it). A dispatcher `claim`s the
+first job it may run and holds a lease on it, renewed while the job runs; a job whose lease runs
+out (its router died) is queued again at the head of its priority with a new
+`gateway_request_id`, unless it asked not to be retried. Only the lease holder's result counts,
+so a worker that lost its lease cannot overwrite the retry's.
+
+Stores implement `JobStore`; the same tests run against each (tests/test_job_store.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Priority = Literal["normal", "low"]
+PRIORITY_RANK: dict[str, int] = {"normal": 0, "low": 1}
+
+
+class JobState(str, enum.Enum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+
+
+class QueueFull(Exception):
+    """Back-pressure: the queue (or the key's share of it) is full; the client should retry later."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    max_queued: int | None = None  # jobs waiting, all keys together
+    max_queued_per_key: int | None = None
+
+
+@dataclass
+class NewJob:
+    """What a submit hands the store."""
+
+    app: str  # owner/alias: status, result and cancel are addressed by it
+    endpoint: str  # the endpoint id it was submitted to (owner/alias[/path])
+    payload: bytes  # the request body, as submitted (JSON)
+    key_id: str
+    priority: Priority = "normal"
+    webhook_url: str | None = None
+    no_retry: bool = False
+    start_timeout_s: float | None = None  # past this without starting: 504 request_timeout
+    runner_hint: str | None = None
+    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass
+class JobRecord:
+    request_id: str
+    app: str
+    endpoint: str
+    payload: bytes
+    key_id: str
+    priority: Priority
+    webhook_url: str | None
+    no_retry: bool
+    start_deadline: float | None
+    runner_hint: str | None
+    state: JobState
+    gateway_request_id: str
+    attempts: int = 0
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    cancel_requested: bool = False
+    status_code: int | None = None
+    result: bytes | None = None  # the response body (JSON)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: the HTTP status and body its result endpoint returns."""
+
+    status_code: int
+    body: bytes
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# What a cancelled job's result endpoint answers (fal's body and code).
+CANCELLED = Outcome(499, b'{"detail": "Request cancelled", "error_type": "client_cancelled"}')
+
+CancelResult = Literal["cancelled", "requested", "already_completed", "not_found"]
+
+
+def now() -> float:
+    return time.time()
+
+
+def new_gateway_id() -> str:
+    return str(uuid.uuid4())
+
+
+class JobStore(Protocol):
+    async def submit(self, job: NewJob, limits: AdmissionLimits = AdmissionLimits()) -> JobRecord:
+        """Queue a job (raises `QueueFull` past the limits)."""
+
+    async def get(self, request_id: str, app: str | None = None) -> JobRecord | None:
+        """The job, if it exists (and belongs to `app`, when given)."""
+
+    async def position(self, request_id: str) -> int | None:
+        """Jobs ahead of a queued job; None once it left the queue."""
+
+    async def claim(self, worker: str, lease_s: float, apps: set[str] | None = None, max_running_per_key: int | None = None) -> JobRecord | None:
+        """The first queued job (of `apps`) whose key is under its running limit, now IN_PROGRESS
+        and leased to `worker`; None when there is none."""
+
+    async def renew(self, request_id: str, worker: str, lease_s: float) -> bool:
+        """Extend the lease; False when `worker` no longer holds it."""
+
+    async def append_log(self, request_id: str, entry: dict[str, Any]) -> None: ...
+
+    async def finish(self, request_id: str, worker: str | None, outcome: Outcome) -> bool:
+        """Complete the job (as its lease holder, or as anyone when `worker` is None: a queued
+        job cancelled or timed out); False when it was no longer ours to finish."""
+
+    async def cancel(self, request_id: str, app: str | None = None) -> CancelResult:
+        """Queued: completed at once with the 499 result. Running: flagged (the worker stops
+        between denoising steps). Completed: left as it was."""
+
+    async def cancel_requested(self, request_id: str) -> bool:
+        """Whether a running job's cancel was asked for (its worker polls this between steps)."""
+
+    async def requeue_expired(self) -> list[JobRecord]:
+        """Jobs whose lease ran out: queued again at the head of their priority (new gateway id),
+        or, with `no_retry`, returned so the caller can complete them with an error."""
+
+    async def expired_unstarted(self) -> list[JobRecord]:
+        """Queued jobs past their start deadline."""
+
+    async def purge(self, older_than_s: float) -> int:
+        """Forget completed jobs finished more than `older_than_s` ago."""
+
+    async def depth(self, app: str | None = None) -> int:
+        """Queued jobs (of one app), for autoscaling."""
+
+    async def running(self, key_id: str | None = None) -> int: ...
+
+    async def close(self) -> None: ...

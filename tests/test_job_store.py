@@ -1,0 +1,248 @@
+"""The durable job store's contract, run against SQLite and against the real Redis at 127.0.0.1:6379.
+
+Order (FIFO within a priority, low behind normal, exact positions), leases (claim, renew, expiry
+and retry with a new gateway id; no retry when asked), only the lease holder finishes a job,
+cancel in each state, start deadlines, per-key limits, purging, and durability across reopening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import pytest_asyncio
+
+from serve_app.queue.store import CANCELLED, AdmissionLimits, JobState, NewJob, Outcome, QueueFull
+
+
+def redis_answers() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping())
+    except redis.exceptions.RedisError:
+        return False
+
+
+REDIS = redis_answers()
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.skipif(not REDIS, reason="no Redis at 127.0.0.1:6379"))])
+def reopen(request, tmp_path):
+    """A function that opens (another handle on) the same store."""
+    if request.param == "sqlite":
+        from serve_app.queue.sqlite_store import SqliteJobStore
+
+        yield lambda: SqliteJobStore(tmp_path / "jobs.sqlite3")
+        return
+    import redis
+
+    from serve_app.queue.redis_store import RedisJobStore
+
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"  # a namespace per test on the shared server
+    yield lambda: RedisJobStore("redis://127.0.0.1:6379/0", prefix=prefix)
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def store(reopen):
+    store = reopen()
+    yield store
+    await store.close()
+
+
+def job(app: str = "fal-ai/lora", key: str = "alice", **fields) -> NewJob:
+    return NewJob(app=app, endpoint=fields.pop("endpoint", app), payload=b'{"prompt": "a cat"}', key_id=key, **fields)
+
+
+async def test_a_submitted_job_is_queued_with_its_fields(store):
+    record = await store.submit(job(endpoint="fal-ai/lora/image-to-image", webhook_url="https://example.com/hook", runner_hint="h"))
+    again = await store.get(record.request_id)
+    assert again.state is JobState.IN_QUEUE and again.gateway_request_id == again.request_id
+    assert (again.app, again.endpoint, again.payload) == ("fal-ai/lora", "fal-ai/lora/image-to-image", b'{"prompt": "a cat"}')
+    assert again.webhook_url == "https://example.com/hook" and again.runner_hint == "h" and again.attempts == 0
+    assert await store.get(record.request_id, app="fal-ai/flux-lora") is None  # ids belong to their app
+    assert await store.get("no-such-id") is None
+
+
+
+async def test_fifo_within_a_priority_and_low_behind_normal_with_exact_positions(store):
+    low = await store.submit(job(priority="low"))
+    first, second = await store.submit(job()), await store.submit(job())
+    assert [await store.position(r.request_id) for r in (first, second, low)] == [0, 1, 2]
+    claimed = [(await store.claim("w", 30)).request_id for _ in range(3)]
+    assert claimed == [first.request_id, second.request_id, low.request_id]
+    assert await store.claim("w", 30) is None
+    assert await store.position(first.request_id) is None  # no longer queued
+
+
+
+async def test_claims_take_only_the_apps_asked_for(store):
+    lora = await store.submit(job(app="fal-ai/lora"))
+    flux = await store.submit(job(app="fal-ai/flux-lora"))
+    assert (await store.claim("w", 30, apps={"fal-ai/flux-lora"})).request_id == flux.request_id
+    assert await store.claim("w", 30, apps={"fal-ai/flux-lora"}) is None
+    assert await store.depth("fal-ai/lora") == 1 and await store.depth() == 1
+    assert (await store.claim("w", 30)).request_id == lora.request_id
+
+
+
+async def test_a_key_at_its_running_limit_lets_other_keys_pass(store):
+    a1, a2 = await store.submit(job(key="alice")), await store.submit(job(key="alice"))
+    b1 = await store.submit(job(key="bob"))
+    assert (await store.claim("w", 30, max_running_per_key=1)).request_id == a1.request_id
+    assert (await store.claim("w", 30, max_running_per_key=1)).request_id == b1.request_id  # a2 waits
+    assert await store.claim("w", 30, max_running_per_key=1) is None
+    assert await store.running("alice") == 1 and await store.running() == 2
+    await store.finish(a1.request_id, "w", Outcome(200, b"{}"))
+    assert (await store.claim("w", 30, max_running_per_key=1)).request_id == a2.request_id
+
+
+
+async def test_admission_limits_refuse_with_queue_full(store):
+    limits = AdmissionLimits(max_queued=3, max_queued_per_key=2)
+    await store.submit(job(key="alice"), limits)
+    await store.submit(job(key="alice"), limits)
+    with pytest.raises(QueueFull, match="this key"):
+        await store.submit(job(key="alice"), limits)
+    await store.submit(job(key="bob"), limits)
+    with pytest.raises(QueueFull, match="full"):
+        await store.submit(job(key="carol"), limits)
+
+
+
+async def test_the_lease_holder_finishes_the_job_with_logs_and_metrics(store):
+    record = await store.submit(job())
+    claimed = await store.claim("router-1", 30)
+    assert claimed.state is JobState.IN_PROGRESS and claimed.attempts == 1 and claimed.lease_owner == "router-1"
+    await store.append_log(record.request_id, {"message": "step 1/2", "level": "INFO"})
+    await store.append_log(record.request_id, {"message": "step 2/2", "level": "INFO"})
+    assert await store.renew(record.request_id, "router-1", 30)
+    assert not await store.renew(record.request_id, "router-2", 30)
+    assert not await store.finish(record.request_id, "router-2", Outcome(200, b"{}"))  # not its lease
+    assert await store.finish(record.request_id, "router-1", Outcome(200, b'{"images": []}', {"inference_time": 0.5}))
+    done = await store.get(record.request_id)
+    assert done.state is JobState.COMPLETED and done.status_code == 200 and done.result == b'{"images": []}'
+    assert done.metrics == {"inference_time": 0.5} and [e["message"] for e in done.logs] == ["step 1/2", "step 2/2"]
+    assert not await store.finish(record.request_id, "router-1", Outcome(500, b"{}"))  # finished once
+
+
+
+async def test_an_expired_lease_requeues_the_job_at_the_head_with_a_new_gateway_id(store):
+    first = await store.submit(job())
+    later = await store.submit(job())
+    await store.claim("dead-router", lease_s=0.05)
+    await asyncio.sleep(0.1)
+    (requeued,) = await store.requeue_expired()
+    assert requeued.request_id == first.request_id and requeued.state is JobState.IN_QUEUE
+    assert requeued.gateway_request_id != first.request_id
+    assert await store.position(first.request_id) == 0 and await store.position(later.request_id) == 1
+    retried = await store.claim("live-router", 30)
+    assert retried.request_id == first.request_id and retried.attempts == 2
+    assert not await store.finish(first.request_id, "dead-router", Outcome(200, b"stale"))  # the dead worker's late result
+    assert await store.finish(first.request_id, "live-router", Outcome(200, b"fresh"))
+    assert (await store.get(first.request_id)).result == b"fresh"
+
+
+
+async def test_a_no_retry_job_with_an_expired_lease_is_handed_back_not_requeued(store):
+    record = await store.submit(job(no_retry=True))
+    await store.claim("dead-router", lease_s=0.05)
+    await asyncio.sleep(0.1)
+    (expired,) = await store.requeue_expired()
+    assert expired.request_id == record.request_id and expired.state is JobState.IN_PROGRESS
+    assert await store.claim("w", 30) is None
+    assert await store.finish(record.request_id, None, Outcome(503, b'{"error_type": "runner_disconnected"}'))
+    assert (await store.get(record.request_id)).status_code == 503
+    assert await store.requeue_expired() == []
+
+
+
+async def test_cancel_in_each_state(store):
+    queued, running, done = await store.submit(job()), await store.submit(job()), await store.submit(job())
+    assert await store.cancel(queued.request_id) == "cancelled"
+    cancelled = await store.get(queued.request_id)
+    assert cancelled.state is JobState.COMPLETED and (cancelled.status_code, cancelled.result) == (CANCELLED.status_code, CANCELLED.body)
+    assert (await store.claim("w", 30)).request_id == running.request_id  # the cancelled job never runs
+    assert not await store.cancel_requested(running.request_id)
+    assert await store.cancel(running.request_id) == "requested"
+    assert await store.cancel_requested(running.request_id)
+    await store.claim("w", 30)
+    await store.finish(done.request_id, "w", Outcome(200, b"{}"))
+    assert await store.cancel(done.request_id) == "already_completed"
+    assert await store.cancel("no-such-id") == "not_found"
+    assert await store.cancel(running.request_id, app="fal-ai/lcm") == "not_found"
+
+
+
+async def test_queued_jobs_past_their_start_deadline_are_reported(store):
+    hurried = await store.submit(job(start_timeout_s=0.05))
+    await store.submit(job(start_timeout_s=60))
+    await asyncio.sleep(0.1)
+    assert [r.request_id for r in await store.expired_unstarted()] == [hurried.request_id]
+
+
+
+async def test_completed_jobs_are_purged_after_the_retention(store):
+    old, fresh, queued = await store.submit(job()), await store.submit(job()), await store.submit(job())
+    for record in (old, fresh):
+        await store.claim("w", 30)
+    await store.append_log(old.request_id, {"message": "x"})
+    await store.finish(old.request_id, "w", Outcome(200, b"{}"))
+    await asyncio.sleep(0.2)
+    await store.finish(fresh.request_id, "w", Outcome(200, b"{}"))
+    assert await store.purge(older_than_s=0.1) == 1
+    assert await store.get(old.request_id) is None
+    assert await store.get(fresh.request_id) is not None and await store.get(queued.request_id) is not None
+
+
+
+async def test_jobs_survive_reopening_the_store(reopen):
+    first = reopen()
+    queued, running = await first.submit(job()), await first.submit(job())
+    await first.claim("w", 30)
+    await first.close()
+    second = reopen()
+    assert (await second.get(queued.request_id)).state is JobState.IN_PROGRESS
+    assert (await second.get(running.request_id)).state is JobState.IN_QUEUE
+    assert await second.position(running.request_id) == 0
+    await second.close()
+
+
+
+async def test_concurrent_claims_hand_each_job_to_one_worker(reopen):
+    stores = [reopen() for _ in range(4)]
+    ids = {(await stores[0].submit(job())).request_id for _ in range(20)}
+
+    async def drain(store, name):
+        mine = []
+        while (record := await store.claim(name, 30)) is not None:
+            mine.append(record.request_id)
+        return mine
+
+    claimed = await asyncio.gather(*(drain(s, f"w{i}") for i, s in enumerate(stores)))
+    flat = [request_id for part in claimed for request_id in part]
+    assert sorted(flat) == sorted(ids)  # every job once, none twice
+    for s in stores:
+        await s.close()
+
+
+
+
+async def test_the_store_is_chosen_by_url(tmp_path):
+    from serve_app.queue import open_store
+    from serve_app.queue.redis_store import RedisJobStore
+    from serve_app.queue.sqlite_store import SqliteJobStore
+
+    sqlite = open_store(f"sqlite://{tmp_path}/q.sqlite3")
+    assert isinstance(sqlite, SqliteJobStore) and sqlite.path == tmp_path / "q.sqlite3"
+    assert open_store("sqlite:///~/q.sqlite3").path.parent.name != "~"  # the home directory, expanded
+    redis_store = open_store("redis://127.0.0.1:6379/0#mine:")
+    assert isinstance(redis_store, RedisJobStore) and redis_store.prefix == "mine:"
+    await redis_store.close()
+    with pytest.raises(ValueError, match="sqlite:///"):
+        open_store("postgres://localhost/jobs")
