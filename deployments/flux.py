@@ -89,7 +89,7 @@ def run_flux_batch(
     jobs: list[ImageJob],
     safety: SafetyChecker,
     per_job_loras: list[list[ResolvedLora]] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], bool | None] | None = None,
 ) -> list[JobResult]:
     """One pipeline call for jobs that share a batch key (mode, size, steps, guidance, strength);
     their prompts, seeds, images and LoRAs may differ. `per_job_loras[i]` are job i's LoRAs,

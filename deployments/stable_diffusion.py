@@ -182,7 +182,7 @@ def run_sd_batch(
     jobs: list[ImageJob],
     safety: SafetyChecker,
     per_job: list[Adapters] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], bool | None] | None = None,
 ) -> list[JobResult]:
     """One pipeline call for jobs that share a batch key: the same embeddings and ControlNets;
     LoRAs may differ per job (see lora.py)."""

@@ -55,6 +55,22 @@ class RealtimeSettings(_Frozen):
     default_max_buffering: int = Field(2, ge=1, le=60, description="frames kept while one is being served (newest win)")
 
 
+class QueueSettings(_Frozen):
+    """fal's queue: where jobs are kept, how long a dispatcher's lease lasts, what may wait."""
+
+    store_url: str = Field(
+        "sqlite:///~/.cache/diffusion-serve/jobs.sqlite3",
+        description="sqlite:///path (one node) or redis://host:6379/0 (a cluster; #prefix to share a server)",
+    )
+    lease_s: float = Field(30.0, gt=0, description="a job whose router stops renewing for this long is run again elsewhere")
+    retention_s: float = Field(3600.0, gt=0, description="how long results are kept after completion (fal: 1 hour)")
+    max_queued: int | None = Field(10_000, ge=1, description="jobs waiting, all keys together; past it submits get 429")
+    max_queued_per_key: int | None = Field(1_000, ge=1, description="jobs one key may have waiting")
+    max_running_per_key: int | None = Field(None, ge=1, description="jobs one key may have running at once")
+    dispatch_slots: int = Field(16, ge=1, description="queued jobs each router replica runs at once")
+    poll_interval_s: float = Field(0.05, gt=0, description="how often an idle dispatcher looks for work")
+
+
 class ApiKey(_Frozen):
     """A client's key, known by its id; the key itself is never configured, only its sha256
     (`python -m serve_app.auth new ID` makes a key and this entry)."""
@@ -177,6 +193,7 @@ class AppConfig(BaseSettings):
     flux_model: str = Field("black-forest-labs/FLUX.1-dev", description="what fal-ai/flux-lora runs: HF id, local path or alias")
     realtime: RealtimeSettings = RealtimeSettings()
     auth: AuthSettings = AuthSettings()
+    queue: QueueSettings = QueueSettings()
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:

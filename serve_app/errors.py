@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from deployments.common.jobs import JobInputError
 
@@ -70,6 +71,11 @@ def _clean_pydantic_errors(errors: Sequence[dict[str, Any]]) -> list[dict[str, A
             item["ctx"] = {k: v if isinstance(v, (str, int, float, bool)) else str(v) for k, v in e["ctx"].items()}
         cleaned.append(item)
     return cleaned
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """A body's validation errors, located under `body` as FastAPI would put them."""
+    return _clean_pydantic_errors([{**e, "loc": ["body", *e["loc"]]} for e in exc.errors(include_url=False)])
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -26,7 +26,7 @@ import msgpack
 from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from serve_app.errors import FalError, InputError
+from serve_app.errors import FalError, InputError, validation_details
 
 logger = logging.getLogger("diffusion_serve.realtime")
 
@@ -125,8 +125,7 @@ class RealtimeSession:
         try:
             body = self.schema.model_validate(frame)
         except ValidationError as exc:
-            details = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors(include_url=False, include_context=False)]
-            await self._send_text(_error_frame("VALIDATION_ERROR", json.dumps(details)))
+            await self._send_text(_error_frame("VALIDATION_ERROR", json.dumps(validation_details(exc))))
             return
         started = time.perf_counter()
         try:

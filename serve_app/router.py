@@ -22,6 +22,9 @@ from serve_app.auth import Authenticator
 from serve_app.config import AppConfig
 from serve_app.errors import FalError, InputError, fal_error_response, install_error_handlers
 from serve_app.files import InputFiles, LocalFileStore, make_output_store
+from serve_app.queue import open_store
+from serve_app.queue.dispatcher import Dispatcher, Endpoint, app_of
+from serve_app.queue.service import QueueService
 from serve_app.realtime import BadFrame, RealtimeSession, max_buffering_of
 from serve_app.schemas.auth import TokenRequest
 from serve_app.schemas.flux import FluxImageToImageInput, FluxInpaintInput, FluxOutput, FluxTextToImageInput
@@ -148,7 +151,32 @@ class Router:
         self.lora = LoraService(stable_diffusion, self.config, self.inputs, self.store)
         self.lcm = LcmService(lcm, self.config, self.inputs, self.store)
         self.flux = FluxService(flux, self.config, self.inputs, self.store)
+        # fal's queue: jobs wait in the durable store; this replica's dispatcher runs some of them.
+        endpoints = self._queued_endpoints()
+        self.jobs = open_store(self.config.queue.store_url)
+        self.queue = QueueService(self.jobs, endpoints, self.config.queue)
+        self.dispatcher = Dispatcher(self.jobs, endpoints, self.config.queue, serve.get_replica_context().replica_id.unique_id)
+        self.dispatcher.start()
         logger.info("router up, profile %s", self.config.profile)
+
+    def _queued_endpoints(self) -> dict[str, Endpoint]:
+        """Every endpoint id the queue accepts: its schema and the same code its sync route runs."""
+
+        def lora(mode):
+            return lambda body, base_url, request_id, progress: self.lora.run(mode, body, base_url, request_id, progress)
+
+        def flux(mode):
+            return lambda body, base_url, request_id, progress: self.flux.run(mode, body, base_url, request_id, progress)
+
+        return {
+            "fal-ai/lora": Endpoint(LoraTextToImageInput, lora("text-to-image")),
+            "fal-ai/lora/image-to-image": Endpoint(LoraImageToImageInput, lora("image-to-image")),
+            "fal-ai/lora/inpaint": Endpoint(LoraInpaintInput, lora("inpaint")),
+            "fal-ai/lcm": Endpoint(LcmInput, lambda body, base_url, request_id, progress: self.lcm.run(body, base_url, request_id, progress=progress)),
+            "fal-ai/flux-lora": Endpoint(FluxTextToImageInput, flux("text-to-image")),
+            "fal-ai/flux-lora/image-to-image": Endpoint(FluxImageToImageInput, flux("image-to-image")),
+            "fal-ai/flux-lora/inpainting": Endpoint(FluxInpaintInput, flux("inpaint")),
+        }
 
     @api.post("/fal-ai/lora", response_model=LoraOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/lora"])
     async def lora_text_to_image(self, body: LoraTextToImageInput, request: Request) -> JSONResponse:
@@ -235,6 +263,34 @@ class Router:
         key: a bare JSON string, as fal's token endpoint answers."""
         ttl = body.token_expiration or self.config.auth.token_ttl_s
         return JSONResponse(self.authenticator.issue_token(request.state.caller, body.allowed_apps, ttl))
+
+    # --- fal's queue (status, result and cancel also accept the long form owner/alias/path) ---
+
+    @api.post("/queue/{endpoint_id:path}", tags=["queue"])
+    async def queue_submit(self, endpoint_id: str, request: Request):
+        """Queue a request for any endpoint id (`?fal_webhook=` is not served yet)."""
+        body = await request.body()
+        return await self.queue.submit(endpoint_id, body, request.headers, request.query_params, request.state.caller, _base_url(request))
+
+    @api.get("/queue/{app:path}/requests/{request_id}/status/stream", tags=["queue"])
+    async def queue_status_stream(self, app: str, request_id: str, request: Request, logs: str | None = None) -> StreamingResponse:
+        """Server-sent status events until COMPLETED, with `: ping` comments in between."""
+        events = await self.queue.status_stream(app_of(app), request_id, logs, request.state.caller, _base_url(request))
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @api.get("/queue/{app:path}/requests/{request_id}/status", tags=["queue"])
+    async def queue_status(self, app: str, request_id: str, request: Request, logs: str | None = None):
+        """202 while IN_QUEUE (with `queue_position`) or IN_PROGRESS, 200 once COMPLETED."""
+        return await self.queue.status(app_of(app), request_id, logs, request.state.caller, _base_url(request))
+
+    @api.put("/queue/{app:path}/requests/{request_id}/cancel", tags=["queue"])
+    async def queue_cancel(self, app: str, request_id: str, request: Request):
+        return await self.queue.cancel(app_of(app), request_id, request.state.caller)
+
+    @api.get("/queue/{app:path}/requests/{request_id}", tags=["queue"])
+    async def queue_result(self, app: str, request_id: str, request: Request):
+        """The model's own status code and body; 400 while the request is not done."""
+        return await self.queue.result(app_of(app), request_id, request.state.caller)
 
     @api.get("/files/{name}", tags=["files"])
     async def file(self, name: str):

@@ -23,6 +23,7 @@ def run_client(stack: str, test_ca, script: str) -> dict:
     env = dict(
         os.environ,
         FAL_RUN_HOST=stack.removeprefix("https://"),
+        FAL_QUEUE_RUN_HOST=stack.removeprefix("https://") + "/queue",
         FAL_KEY=TEST_KEY,
         SSL_CERT_FILE=str(test_ca.ca_file),
     )

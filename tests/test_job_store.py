@@ -60,11 +60,12 @@ def job(app: str = "fal-ai/lora", key: str = "alice", **fields) -> NewJob:
 
 
 async def test_a_submitted_job_is_queued_with_its_fields(store):
-    record = await store.submit(job(endpoint="fal-ai/lora/image-to-image", webhook_url="https://example.com/hook", runner_hint="h"))
+    record = await store.submit(job(endpoint="fal-ai/lora/image-to-image", webhook_url="https://example.com/hook", runner_hint="h", base_url="https://me"))
     again = await store.get(record.request_id)
     assert again.state is JobState.IN_QUEUE and again.gateway_request_id == again.request_id
     assert (again.app, again.endpoint, again.payload) == ("fal-ai/lora", "fal-ai/lora/image-to-image", b'{"prompt": "a cat"}')
-    assert again.webhook_url == "https://example.com/hook" and again.runner_hint == "h" and again.attempts == 0
+    assert again.webhook_url == "https://example.com/hook" and again.runner_hint == "h" and again.base_url == "https://me"
+    assert again.attempts == 0
     assert await store.get(record.request_id, app="fal-ai/flux-lora") is None  # ids belong to their app
     assert await store.get("no-such-id") is None
 

@@ -29,6 +29,7 @@ def two_replicas(stack, files_dir, test_ca):
         network={"allowed_networks": [f"{IMAGE_HOST}/32"]},
         weights={"cache_dir": str(files_dir.parent / "weights-mx")},
         auth=TEST_AUTH,
+        queue={"store_url": f"sqlite://{files_dir.parent / 'jobs-mx.sqlite3'}"},
     )
     idle = {"ray_actor_options": {"num_cpus": 0}}  # this app's LCM and FLUX replicas are not used here
     app = assemble(config, {"num_replicas": 2, "ray_actor_options": {"num_gpus": 0.5, "num_cpus": 1}}, idle, idle)

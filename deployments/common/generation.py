@@ -81,10 +81,11 @@ def denoise(pipe, kwargs: dict) -> torch.Tensor:
 
 
 class StepCallback:
-    """A `callback_on_step_end`: reports each finished denoising step (for progress) and, for
-    `debug_per_pass_latents`, keeps every step's latents."""
+    """A `callback_on_step_end`: reports each finished denoising step (for progress and cancels:
+    when `on_step` answers True the pipeline skips its remaining steps, through diffusers'
+    `interrupt`) and, for `debug_per_pass_latents`, keeps every step's latents."""
 
-    def __init__(self, keep_latents: bool = False, on_step: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, keep_latents: bool = False, on_step: Callable[[int, int], bool | None] | None = None) -> None:
         self.keep_latents = keep_latents
         self.on_step = on_step
         self.steps: list[torch.Tensor] = []
@@ -95,8 +96,8 @@ class StepCallback:
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         if self.keep_latents:
             self.steps.append(callback_kwargs["latents"].detach().to("cpu", torch.float32).clone())
-        if self.on_step is not None:
-            self.on_step(step + 1, int(getattr(pipe, "num_timesteps", 0) or 0))
+        if self.on_step is not None and self.on_step(step + 1, int(getattr(pipe, "num_timesteps", 0) or 0)):
+            pipe._interrupt = True  # every caller of this call has gone
         return callback_kwargs
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
@@ -42,6 +43,7 @@ class JobAdapters(Protocol):
 
 Model = TypeVar("Model")
 Progress = Callable[[int, int], None]  # (denoising steps done, total), called from the torch thread
+StepHook = Callable[[int, int], bool]  # progress, answering True when the call should stop denoising
 Adapters = TypeVar("Adapters", bound=JobAdapters)
 
 
@@ -112,10 +114,9 @@ class ModelReplica(Generic[Model, Adapters]):
     async def resolve_adapters(self, job: ImageJob) -> Adapters:
         raise NotImplementedError
 
-    def run_batch(
-        self, model: Model, jobs: list[ImageJob], adapters: list[Adapters], on_step: Callable[[int, int], None] | None = None
-    ) -> list[JobResult]:
-        """One pipeline call; `on_step(done, total)` after each denoising step, when given."""
+    def run_batch(self, model: Model, jobs: list[ImageJob], adapters: list[Adapters], on_step: StepHook | None = None) -> list[JobResult]:
+        """One pipeline call; `on_step(done, total)` after each denoising step, when given; its
+        True means every caller has gone: skip the remaining steps."""
         raise NotImplementedError
 
     def lora_capacity(self, model: Model) -> int:
@@ -131,17 +132,20 @@ class ModelReplica(Generic[Model, Adapters]):
         if self.device.type == "cpu" and self.config.device.cpu_threads:
             torch.set_num_threads(self.config.device.cpu_threads)  # per thread under OpenMP
 
-    def _run_batch(self, items: list[tuple[Model, ImageJob, Adapters, Progress | None]]) -> list[JobResult]:
+    def _run_batch(self, items: list[tuple[Model, ImageJob, Adapters, Progress | None, threading.Event]]) -> list[JobResult]:
         model = items[0][0]
         results: list[JobResult] = []
         for run in split_by_lora_budget(items, self.lora_capacity(model)):
-            sinks = [progress for *_, progress in run if progress is not None]
+            sinks = [item[3] for item in run if item[3] is not None]
+            cancelled = [item[4] for item in run]
 
-            def on_step(done: int, total: int, sinks=sinks) -> None:
+            def on_step(done: int, total: int, sinks=sinks, cancelled=cancelled) -> bool:
+                """Report the step; True (stop denoising) once every job of this call was cancelled."""
                 for sink in sinks:
                     sink(done, total)
+                return all(flag.is_set() for flag in cancelled)
 
-            results += self.run_batch(model, [item[1] for item in run], [item[2] for item in run], on_step if sinks else None)
+            results += self.run_batch(model, [item[1] for item in run], [item[2] for item in run], on_step)
         return results
 
     async def resolve_loras(self, job: ImageJob) -> list[ResolvedLora]:
@@ -165,7 +169,12 @@ class ModelReplica(Generic[Model, Adapters]):
         adapters = await self.resolve_adapters(job)
         # Adapters join the batch key by content (and scale/tokens), not by how they were spelled.
         key = (*job.batch_key(), *adapters.key())
-        result = await self.batcher.submit(key, (model, job, adapters, progress), job.cost(), job.num_images)
+        cancelled = threading.Event()  # set when the caller goes away: its batch may stop early
+        try:
+            result = await self.batcher.submit(key, (model, job, adapters, progress, cancelled), job.cost(), job.num_images)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
         result.replica = self.replica_id
         return result
 

@@ -67,7 +67,7 @@ end
 local seq = redis.call('INCR', p .. 'seq')
 redis.call('HSET', p .. 'job:' .. id, 'request_id', id, 'seq', seq, 'endpoint', ARGV[6], 'app', app, 'payload', ARGV[8],
            'key_id', key_id, 'priority', priority, 'webhook_url', ARGV[11], 'no_retry', ARGV[12], 'runner_hint', ARGV[13],
-           'start_deadline', deadline, 'state', 'IN_QUEUE', 'gateway_request_id', id, 'attempts', 0, 'created_at', now,
+           'start_deadline', deadline, 'base_url', ARGV[15], 'state', 'IN_QUEUE', 'gateway_request_id', id, 'attempts', 0, 'created_at', now,
            'cancel_requested', 0, 'metrics', '{}')
 redis.call('ZADD', p .. 'queue:' .. priority, seq, id)
 redis.call('HINCRBY', p .. 'queued_by_key', key_id, 1)
@@ -186,6 +186,7 @@ def _record(fields: dict[str, str | bytes], logs: list[bytes]) -> JobRecord:
         endpoint=text["endpoint"],
         payload=bytes(fields.get("payload") or b""),
         key_id=text["key_id"],
+        base_url=text.get("base_url") or "",
         priority="normal" if text["priority"] == "0" else "low",
         webhook_url=text.get("webhook_url") or None,
         no_retry=text.get("no_retry") == "1",
@@ -234,7 +235,7 @@ class RedisJobStore:
                 limits.max_queued if limits.max_queued is not None else -1,
                 limits.max_queued_per_key if limits.max_queued_per_key is not None else -1,
                 job.endpoint, job.app, job.payload, job.key_id, PRIORITY_RANK[job.priority], job.webhook_url or "",
-                int(job.no_retry), job.runner_hint or "", deadline,
+                int(job.no_retry), job.runner_hint or "", deadline, job.base_url,
             ]
         )
         outcome = outcome.decode()

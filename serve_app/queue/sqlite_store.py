@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     endpoint TEXT NOT NULL,
     payload BLOB NOT NULL,
     key_id TEXT NOT NULL,
+    base_url TEXT NOT NULL,
     priority INTEGER NOT NULL,
     webhook_url TEXT,
     no_retry INTEGER NOT NULL,
@@ -76,6 +77,7 @@ def _record(row: sqlite3.Row, logs: list[dict[str, Any]] | None = None) -> JobRe
         endpoint=row["endpoint"],
         payload=bytes(row["payload"]),
         key_id=row["key_id"],
+        base_url=row["base_url"],
         priority="normal" if row["priority"] == 0 else "low",
         webhook_url=row["webhook_url"],
         no_retry=bool(row["no_retry"]),
@@ -153,10 +155,10 @@ class SqliteJobStore:
                     raise QueueFull(f"this key already has {mine} jobs waiting (at most {limits.max_queued_per_key})")
             created = now()
             db.execute(
-                "INSERT INTO jobs (request_id, app, endpoint, payload, key_id, priority, webhook_url, no_retry, start_deadline,"
-                " runner_hint, state, gateway_request_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'IN_QUEUE', ?, ?)",
+                "INSERT INTO jobs (request_id, app, endpoint, payload, key_id, base_url, priority, webhook_url, no_retry, start_deadline,"
+                " runner_hint, state, gateway_request_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'IN_QUEUE', ?, ?)",
                 (
-                    job.request_id, job.app, job.endpoint, job.payload, job.key_id, PRIORITY_RANK[job.priority], job.webhook_url,
+                    job.request_id, job.app, job.endpoint, job.payload, job.key_id, job.base_url, PRIORITY_RANK[job.priority], job.webhook_url,
                     int(job.no_retry), created + job.start_timeout_s if job.start_timeout_s else None, job.runner_hint,
                     job.request_id, created,
                 ),

@@ -51,6 +51,7 @@ class NewJob:
     endpoint: str  # the endpoint id it was submitted to (owner/alias[/path])
     payload: bytes  # the request body, as submitted (JSON)
     key_id: str
+    base_url: str = ""  # where the client reached us: output file URLs start with it
     priority: Priority = "normal"
     webhook_url: str | None = None
     no_retry: bool = False
@@ -66,6 +67,7 @@ class JobRecord:
     endpoint: str
     payload: bytes
     key_id: str
+    base_url: str
     priority: Priority
     webhook_url: str | None
     no_retry: bool

@@ -59,19 +59,31 @@ class Run(Generic[Output]):
     phases_ms: dict[str, float]
 
 
+Progress = Callable[[int, int], Awaitable[None]]  # (denoising steps done, total)
+
+
 async def run_job(
     handle: serve.handle.DeploymentHandle,
     job: Awaitable[ImageJob],
     publish: Callable[[ImageJob, JobResult], Output],
     timeout_s: float,
     request_id: str,
+    progress: Progress | None = None,
 ) -> Run[Output]:
-    """Every endpoint's synchronous path: build the job (validation, input files), run it on the
-    model deployment, publish its images off the event loop; each phase timed."""
+    """Every endpoint's path to a result: build the job (validation, input files), run it on the
+    model deployment (streaming its steps to `progress`, when given), publish its images off the
+    event loop; each phase timed."""
     t0 = time.perf_counter()
     built = await job
     t1 = time.perf_counter()
-    result: JobResult = await call_model(handle, "generate", built, built.routing_key(), timeout_s, request_id)
+    if progress is None:
+        result: JobResult = await call_model(handle, "generate", built, built.routing_key(), timeout_s, request_id)
+    else:
+        async for event in stream_model(handle, "generate_stream", built, built.routing_key(), timeout_s, request_id):
+            if isinstance(event, JobResult):
+                result = event
+            else:
+                await progress(*event)
     t2 = time.perf_counter()
     output = await asyncio.to_thread(publish, built, result)
     t3 = time.perf_counter()

@@ -21,7 +21,7 @@ from serve_app.errors import InputError
 from serve_app.files import InputFiles, OutputStore, publish_images
 from serve_app.schemas.common import size_of
 from serve_app.schemas.flux import SIDE_MULTIPLE, FluxImageToImageInput, FluxInpaintInput, FluxOutput, FluxTextToImageInput
-from serve_app.services.dispatch import Run, run_job, stream_model
+from serve_app.services.dispatch import Progress, Run, run_job, stream_model
 from serve_app.services.source_images import check_pixels, check_scale, check_strength, fetch_sources, fit
 
 FluxInput = FluxTextToImageInput | FluxImageToImageInput | FluxInpaintInput
@@ -87,12 +87,12 @@ class FluxService:
             prompt=body.prompt,
         )
 
-    async def run(self, mode: Mode, body: FluxInput, base_url: str, request_id: str) -> Run[FluxOutput]:
+    async def run(self, mode: Mode, body: FluxInput, base_url: str, request_id: str, progress: Progress | None = None) -> Run[FluxOutput]:
         def publish(job: ImageJob, result: JobResult) -> FluxOutput:
             return self._output(body, result, base_url)
 
         job = self.job(mode, body, base_url, request_id)
-        return await run_job(self.model, job, publish, self.config.limits.request_timeout_s, request_id)
+        return await run_job(self.model, job, publish, self.config.limits.request_timeout_s, request_id, progress)
 
     async def stream(self, body: FluxTextToImageInput, base_url: str, request_id: str) -> AsyncIterator[dict[str, Any]]:
         """Progress events (`{"type": "progress", "step", "total", "message"}`), then the output."""

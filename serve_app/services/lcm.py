@@ -18,7 +18,7 @@ from serve_app.errors import InputError
 from serve_app.files import InputFiles, OutputStore, publish_images
 from serve_app.schemas.common import size_of
 from serve_app.schemas.lcm import LcmInput, LcmOutput
-from serve_app.services.dispatch import Run, run_job
+from serve_app.services.dispatch import Progress, Run, run_job
 from serve_app.services.source_images import check_pixels, check_scale, check_strength, fetch_sources, fit
 
 MAX_INPUT_SIDE = 1024  # fal scales larger inputs down to this, keeping the aspect
@@ -88,7 +88,9 @@ class LcmService:
             enable_safety_checker=body.enable_safety_checks,
         )
 
-    async def run(self, body: LcmInput, base_url: str, request_id: str, sync_mode: bool | None = None) -> Run[LcmOutput]:
+    async def run(
+        self, body: LcmInput, base_url: str, request_id: str, sync_mode: bool | None = None, progress: Progress | None = None
+    ) -> Run[LcmOutput]:
         """`sync_mode` overrides the body's (realtime frames always carry their images inline)."""
         sync = body.sync_mode if sync_mode is None else sync_mode
 
@@ -106,7 +108,8 @@ class LcmService:
             )
 
         try:
-            return await run_job(self.model, self.job(body, base_url, request_id), publish, self.config.limits.request_timeout_s, request_id)
+            job = self.job(body, base_url, request_id)
+            return await run_job(self.model, job, publish, self.config.limits.request_timeout_s, request_id, progress)
         except InputError as exc:
             if exc.loc[:3] == ["body", "loras", 0]:  # the replica speaks of `loras`; this endpoint of `lora_url`
                 raise InputError(["body", "lora_url"], exc.msg, exc.type) from None

@@ -22,7 +22,7 @@ from serve_app.errors import InputError
 from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, publish_images
 from serve_app.schemas.common import File, size_of
 from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
-from serve_app.services.dispatch import Run, run_job
+from serve_app.services.dispatch import Progress, Run, run_job
 from serve_app.services.source_images import check_pixels, check_scale, check_strength, fetch_sources, fit
 
 LoraInput = LoraTextToImageInput | LoraImageToImageInput | LoraInpaintInput
@@ -232,12 +232,12 @@ class LoraService:
             debug_per_pass_latents=body.debug_per_pass_latents,
         )
 
-    async def run(self, mode: Mode, body: LoraInput, base_url: str, request_id: str) -> Run[LoraOutput]:
+    async def run(self, mode: Mode, body: LoraInput, base_url: str, request_id: str, progress: Progress | None = None) -> Run[LoraOutput]:
         def publish(job: ImageJob, result: JobResult) -> LoraOutput:
             return self.publish(result, body.image_format, body.sync_mode, base_url)
 
         job = self.job(mode, body, base_url, request_id)
-        return await run_job(self.model, job, publish, self.config.limits.request_timeout_s, request_id)
+        return await run_job(self.model, job, publish, self.config.limits.request_timeout_s, request_id, progress)
 
     def publish(self, result: JobResult, image_format: str, sync_mode: bool, base_url: str) -> LoraOutput:
         return LoraOutput(

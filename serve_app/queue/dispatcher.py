@@ -1,0 +1,160 @@
+"""Dispatchers: inside every router replica, they claim queued jobs and run them to an outcome.
+
+Each of a replica's `dispatch_slots` loops claims the oldest job it may run, runs it through the
+same endpoint code as a synchronous call (with progress streamed into the job's logs), renews
+its lease while it runs, stops it when a cancel is asked for, and writes the outcome, the only
+write that ends a job. A housekeeping loop requeues jobs whose router died (their leases ran out),
+ends jobs that waited past their start timeout (504), and purges old results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from serve_app.config import QueueSettings
+from serve_app.errors import FalError, InputError, validation_details
+from serve_app.queue.store import CANCELLED, JobRecord, JobStore, Outcome
+from serve_app.services.dispatch import Progress, Run
+
+logger = logging.getLogger("diffusion_serve.queue")
+
+HOUSEKEEPING_INTERVAL_S = 1.0
+PURGE_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An endpoint the queue serves: its body schema, and how to run a validated body
+    (`run(body, base_url, request_id, progress)`)."""
+
+    schema: type[BaseModel]
+    run: Callable[[Any, str, str, Progress | None], Awaitable[Run]]
+
+
+def app_of(endpoint_id: str) -> str:
+    """`owner/alias` of `owner/alias[/path]`: status, result and cancel are addressed by it."""
+    return "/".join(endpoint_id.split("/")[:2])
+
+
+def log_entry(message: str, level: str = "INFO") -> dict[str, Any]:
+    return {"message": message, "level": level, "source": "USER", "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+
+def error_outcome(exc: BaseException, request_id: str) -> Outcome:
+    """A failed job's result, in the shape its synchronous call would have answered."""
+    if isinstance(exc, InputError):
+        return Outcome(422, json.dumps({"detail": exc.detail()}).encode())
+    if isinstance(exc, ValidationError):
+        return Outcome(422, json.dumps({"detail": validation_details(exc)}).encode())
+    if isinstance(exc, FalError):
+        return Outcome(exc.status_code, json.dumps(exc.body()).encode())
+    logger.error("queued request %s failed", request_id, exc_info=exc)
+    return Outcome(500, json.dumps({"detail": f"internal error (request id {request_id})", "error_type": "internal_error"}).encode())
+
+
+class Dispatcher:
+    def __init__(self, store: JobStore, endpoints: dict[str, Endpoint], settings: QueueSettings, worker: str) -> None:
+        self.store = store
+        self.endpoints = endpoints
+        self.settings = settings
+        self.worker = worker
+        self.apps = {app_of(endpoint_id) for endpoint_id in endpoints}
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._slot(i)) for i in range(self.settings.dispatch_slots)]
+        self._tasks.append(loop.create_task(self._housekeeping()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- running jobs -----------------------------------------------------------------------
+
+    async def _slot(self, index: int) -> None:
+        while True:
+            try:
+                job = await self.store.claim(self.worker, self.settings.lease_s, self.apps, self.settings.max_running_per_key)
+            except Exception:  # noqa: BLE001 - a store hiccup must not kill the slot
+                logger.exception("dispatcher %s slot %d: claim failed", self.worker, index)
+                job = None
+            if job is None:
+                await asyncio.sleep(self.settings.poll_interval_s)
+                continue
+            await self._execute(job)
+
+    async def _execute(self, job: JobRecord) -> None:
+        """Run one claimed job to its outcome, keeping its lease and watching for a cancel."""
+        running = asyncio.ensure_future(self._outcome(job))
+        cancelled = False
+        while not running.done():
+            await asyncio.wait({running}, timeout=min(1.0, self.settings.lease_s / 3))
+            if running.done():
+                break
+            try:
+                if await self.store.cancel_requested(job.request_id):
+                    cancelled = True
+                    running.cancel()  # the model call is cancelled; the replica stops between steps
+                    break
+                if not await self.store.renew(job.request_id, self.worker, self.settings.lease_s):
+                    logger.warning("request %s: lease lost; another router runs it now", job.request_id)
+                    running.cancel()
+                    return
+            except Exception:  # noqa: BLE001 - keep running; the lease has slack for a store hiccup
+                logger.exception("request %s: lease renewal failed", job.request_id)
+        if cancelled:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await running
+            outcome = CANCELLED
+        else:
+            outcome = running.result()
+        await self.store.finish(job.request_id, self.worker, outcome)
+
+    async def _outcome(self, job: JobRecord) -> Outcome:
+        endpoint = self.endpoints[job.endpoint]
+
+        async def progress(step: int, total: int) -> None:
+            await self.store.append_log(job.request_id, log_entry(f"step {step}/{total}"))
+
+        try:
+            body = endpoint.schema.model_validate_json(job.payload)
+            run = await endpoint.run(body, job.base_url, job.request_id, progress)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's result
+            return error_outcome(exc, job.request_id)
+        return Outcome(200, run.output.model_dump_json().encode(), {"inference_time": run.result.inference_time_s})
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        since_purge = PURGE_INTERVAL_S
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            try:
+                for record in await self.store.requeue_expired():
+                    if record.no_retry:
+                        body = {"detail": "the router running this request went away, and it asked not to be retried", "error_type": "runner_disconnected"}
+                        await self.store.finish(record.request_id, None, Outcome(503, json.dumps(body).encode()))
+                    else:
+                        logger.warning("request %s: its router went away; queued again (attempt %d)", record.request_id, record.attempts + 1)
+                for record in await self.store.expired_unstarted():
+                    body = {"detail": "the request did not start within its start timeout", "error_type": "request_timeout"}
+                    await self.store.finish(record.request_id, None, Outcome(504, json.dumps(body).encode()))
+                since_purge += HOUSEKEEPING_INTERVAL_S
+                if since_purge >= PURGE_INTERVAL_S:
+                    since_purge = 0.0
+                    await self.store.purge(self.settings.retention_s)
+            except Exception:  # noqa: BLE001 - try again next round
+                logger.exception("queue housekeeping failed")

@@ -1,0 +1,193 @@
+"""fal's queue over HTTPS: the stock `fal_client` submits, polls, streams and fetches; every state's
+body, code and URL as the protocol says; cancel, errors and ownership.
+
+(The store itself is tested on SQLite and Redis in test_job_store.py; the dispatcher's leases,
+cancels and timeouts in test_dispatcher.py.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import LIMITED_KEY
+from tests.test_fal_client import run_client
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"model_name": "runwayml/stable-diffusion-v1-5", "prompt": "a cat", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 3}
+
+
+def wait_done(http, status_url: str, timeout_polls: int = 600) -> dict:
+    for _ in range(timeout_polls):
+        response = http.get(status_url, params={"logs": "1"})
+        if response.status_code == 200:
+            return response.json()
+        assert response.status_code == 202, response.text
+        __import__("time").sleep(0.05)
+    raise AssertionError("the job never completed")
+
+
+def test_the_stock_client_subscribes_with_logs_and_gets_the_result(stack, test_ca):
+    out = run_client(
+        stack,
+        test_ca,
+        """
+        import json, fal_client
+        updates = []
+        result = fal_client.subscribe(
+            "fal-ai/lora",
+            arguments={"model_name": "runwayml/stable-diffusion-v1-5", "prompt": "a cat", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 4, "seed": 9},
+            with_logs=True,
+            on_queue_update=lambda update: updates.append(update),
+        )
+        messages = [log["message"] for update in updates if isinstance(update, (fal_client.InProgress, fal_client.Completed)) for log in (update.logs or [])]
+        print(json.dumps({"seed": result["seed"], "width": result["images"][0]["width"], "messages": messages}))
+        """,
+    )
+    assert out["seed"] == 9 and out["width"] == 64
+    assert "step 4/4" in out["messages"], out["messages"]
+
+
+def test_the_stock_client_submits_then_polls_status_and_result(stack, test_ca):
+    out = run_client(
+        stack,
+        test_ca,
+        """
+        import json, fal_client
+        from PIL import Image
+        image = fal_client.encode_image(Image.new("RGB", (64, 64), (200, 30, 30)))
+        handle = fal_client.submit("fal-ai/lora/image-to-image", arguments={
+            "model_name": "runwayml/stable-diffusion-v1-5", "prompt": "a cat", "num_inference_steps": 4, "seed": 3, "image_url": image,
+        })
+        statuses = [type(status).__name__ for status in handle.iter_events(with_logs=True, interval=0.05)]
+        result = handle.get()
+        again = fal_client.result("fal-ai/lora/image-to-image", handle.request_id)
+        status = fal_client.status("fal-ai/lora", handle.request_id, with_logs=True)
+        print(json.dumps({"statuses": statuses, "seed": result["seed"], "same": again == result, "final": type(status).__name__,
+                          "metrics": status.metrics}))
+        """,
+    )
+    assert out["statuses"][-1] == "Completed" and out["final"] == "Completed" and out["same"] and out["seed"] == 3
+    assert out["metrics"]["inference_time"] > 0
+
+
+def test_the_stock_async_client_subscribes(stack, test_ca):
+    out = run_client(
+        stack,
+        test_ca,
+        """
+        import asyncio, json, fal_client
+        async def main():
+            result = await fal_client.subscribe_async("fal-ai/lcm", arguments={"prompt": "a cat", "image_size": {"width": 64, "height": 64}, "seed": 4})
+            return {"seed": result["seed"], "steps": result["num_inference_steps"]}
+        print(json.dumps(asyncio.run(main())))
+        """,
+    )
+    assert out == {"seed": 4, "steps": 4}
+
+
+def test_submit_answers_fals_fields_with_absolute_urls(http, stack):
+    response = http.post("/queue/fal-ai/lora", json=SMALL)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    request_id = out["request_id"]
+    assert out["status"] == "IN_QUEUE" and out["gateway_request_id"] == request_id and out["queue_position"] >= 0
+    base = f"{stack}/queue/fal-ai/lora/requests/{request_id}"
+    assert (out["response_url"], out["status_url"], out["cancel_url"]) == (base, f"{base}/status", f"{base}/cancel")
+    done = wait_done(http, out["status_url"])
+    assert done["status"] == "COMPLETED" and done["metrics"]["inference_time"] > 0
+    assert [log["message"] for log in done["logs"]] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert {"level", "source", "timestamp"} <= set(done["logs"][0])
+    assert http.get(out["status_url"]).json()["logs"] is None  # logs only when asked for
+    result = http.get(out["response_url"])
+    assert result.status_code == 200 and result.json()["images"][0]["width"] == 64
+    # The long form (with the endpoint's path) reaches the same request.
+    assert http.get(f"/queue/fal-ai/lora/image-to-image/requests/{request_id}").json() == result.json()
+
+
+def test_the_status_stream_sends_events_until_completed(http):
+    request_id = http.post("/queue/fal-ai/lora", json=SMALL).json()["request_id"]
+    with http.stream("GET", f"/queue/fal-ai/lora/requests/{request_id}/status/stream", params={"logs": "true"}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["status"] == "COMPLETED" and all(e["request_id"] == request_id for e in events)
+
+
+def test_a_request_that_fails_in_the_model_completes_with_its_error(http):
+    out = http.post("/queue/fal-ai/lora", json={**SMALL, "model_name": "/no/such/model"}).json()
+    done = wait_done(http, out["status_url"])
+    assert done["status"] == "COMPLETED" and done["error_type"] == "validation_error"
+    result = http.get(out["response_url"])
+    assert result.status_code == 422 and result.json()["detail"][0]["loc"] == ["body", "model_name"]
+
+
+def test_bad_submits_are_refused_at_once(http):
+    response = http.post("/queue/fal-ai/lora", json={"prompt": "a cat"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "model_name"]
+    assert http.post("/queue/fal-ai/nope", json=SMALL).status_code == 404
+    response = http.post("/queue/fal-ai/lora", params={"fal_webhook": "https://example.com/hook"}, json=SMALL)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
+    response = http.post("/queue/fal-ai/lora", json=SMALL, headers={"X-Fal-Queue-Priority": "urgent"})
+    assert response.status_code == 422
+
+
+def test_unknown_or_someone_elses_requests_are_404(http, stack, test_ca):
+    assert http.get("/queue/fal-ai/lora/requests/no-such-id/status").status_code == 404
+    assert http.get("/queue/fal-ai/lora/requests/no-such-id").status_code == 404
+    assert http.put("/queue/fal-ai/lora/requests/no-such-id/cancel").json() == {"status": "NOT_FOUND"}
+    mine = http.post("/queue/fal-ai/lora", json=SMALL).json()
+    with httpx.Client(verify=test_ca.ssl_context(), headers={"Authorization": f"Key {LIMITED_KEY}"}) as other:
+        assert other.get(mine["status_url"]).status_code == 404
+    assert http.get(mine["status_url"].replace("fal-ai/lora", "fal-ai/lcm")).status_code == 404  # ids belong to their app
+
+
+def test_cancel_a_queued_request_ends_it_with_499_and_a_finished_one_is_already_completed(http):
+    # Many jobs ahead keep the last one queued long enough to cancel it.
+    for _ in range(20):
+        http.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 10})
+    last = http.post("/queue/fal-ai/lora", json=SMALL).json()
+    cancel = http.put(last["cancel_url"])
+    assert cancel.status_code == 202 and cancel.json() == {"status": "CANCELLATION_REQUESTED"}
+    done = wait_done(http, last["status_url"])
+    assert done["error_type"] == "client_cancelled"
+    result = http.get(last["response_url"])
+    assert result.status_code == 499 and result.json()["error_type"] == "client_cancelled"
+    assert http.put(last["cancel_url"]).json() == {"status": "ALREADY_COMPLETED"}
+
+
+def test_result_before_completion_is_400(http):
+    for _ in range(10):
+        http.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 10})
+    last = http.post("/queue/fal-ai/lora", json=SMALL).json()
+    early = http.get(last["response_url"])
+    assert early.status_code == 400 and early.json() == {"detail": "Request is still in progress"}
+    status = http.get(last["status_url"])
+    assert status.status_code == 202 and status.json()["status"] in ("IN_QUEUE", "IN_PROGRESS")
+    wait_done(http, last["status_url"])
+
+
+def test_cancelling_a_running_request_stops_it_between_denoising_steps(http):
+    """The replica skips the remaining steps of a call whose callers all went away, so the next
+    request does not wait for them (one StableDiffusion replica serves both)."""
+    import datetime
+    import time
+
+    out = http.post("/queue/fal-ai/lora", json={**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 150}).json()
+    logs: list = []
+    for _ in range(600):
+        logs = http.get(out["status_url"], params={"logs": "1"}).json().get("logs") or []
+        if len(logs) >= 4:
+            break
+        time.sleep(0.05)
+    stamps = [datetime.datetime.fromisoformat(entry["timestamp"]) for entry in logs]
+    step_s = (stamps[-1] - stamps[0]).total_seconds() / (len(stamps) - 1)
+    assert http.put(out["cancel_url"]).status_code == 202
+    assert http.get(wait_done(http, out["status_url"])["response_url"]).status_code == 499
+    started = time.monotonic()
+    assert http.post("/fal-ai/lora", json={**SMALL, "num_inference_steps": 2}).status_code == 200
+    waited = time.monotonic() - started
+    remaining = (150 - len(logs)) * step_s
+    assert waited < remaining / 3, (waited, remaining)  # it did not wait out the cancelled job's steps
