@@ -38,6 +38,14 @@ def test_demo_asks_for_no_gpu_production_one_per_sd_replica_and_half_per_lcm_rep
     assert sd["max_ongoing_requests"] > sd["autoscaling_config"]["target_ongoing_requests"]
 
 
+def test_the_demo_fits_a_two_core_machine():
+    """`serve run cluster/demo.yaml` on a fresh 2-CPU box: every replica must be schedulable
+    (Ray counts logical CPUs; the AdapterFetcher asks for none)."""
+    demo = yaml.safe_load((CLUSTER / "demo.yaml").read_text())["applications"][0]["deployments"]
+    total = sum(d.get("num_replicas", 1) * d.get("ray_actor_options", {}).get("num_cpus", 1) for d in demo)
+    assert total <= 2, total
+
+
 def test_unknown_settings_are_rejected():
     with pytest.raises(ValueError):
         AppConfig.from_args({"profile": "demo", "batchng": {}})

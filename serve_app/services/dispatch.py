@@ -21,7 +21,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.common.jobs import ImageJob, JobInputError, JobResult
+from serve_app.config import AppConfig
 from serve_app.errors import FalError, InputError
+from serve_app.files import InputFiles, OutputStore
 
 logger = logging.getLogger("diffusion_serve.dispatch")
 
@@ -47,6 +49,17 @@ def _model_errors(request_id: str, timeout_s: float):
     except Exception:
         logger.exception("request %s failed in the model deployment", request_id)
         raise FalError(500, f"the model failed on this request (request id {request_id})", "runner_server_error") from None
+
+
+@dataclass
+class EndpointService:
+    """What every endpoint family's service holds: its model deployment, the settings, the input
+    files and the output store."""
+
+    model: serve.handle.DeploymentHandle
+    config: AppConfig
+    inputs: InputFiles
+    store: OutputStore
 
 
 @dataclass

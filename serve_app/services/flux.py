@@ -13,27 +13,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from ray.serve.handle import DeploymentHandle
 
 from deployments.common.jobs import ImageJob, JobResult, Mode, ModelRef
-from serve_app.config import AppConfig
 from serve_app.errors import InputError
-from serve_app.files import InputFiles, OutputStore, publish_images
+from serve_app.files import publish_images
 from serve_app.schemas.common import size_of
 from serve_app.schemas.flux import SIDE_MULTIPLE, FluxImageToImageInput, FluxInpaintInput, FluxOutput, FluxTextToImageInput
-from serve_app.services.dispatch import Progress, Run, run_job, stream_model
+from serve_app.services.dispatch import EndpointService, Progress, Run, run_job, stream_model
 from serve_app.services.source_images import check_pixels, check_scale, check_strength, fetch_sources, fit
 
 FluxInput = FluxTextToImageInput | FluxImageToImageInput | FluxInpaintInput
 
 
-class FluxService:
-    def __init__(self, model: DeploymentHandle, config: AppConfig, inputs: InputFiles, store: OutputStore) -> None:
-        self.model = model
-        self.config = config
-        self.inputs = inputs
-        self.store = store
-
+class FluxService(EndpointService):
     def _check(self, body: FluxInput) -> None:
         if len(body.loras) > self.config.limits.max_loras:
             raise InputError(["body", "loras"], f"at most {self.config.limits.max_loras} LoRAs per request", "value_error")

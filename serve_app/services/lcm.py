@@ -10,15 +10,13 @@ from __future__ import annotations
 import secrets
 
 import numpy as np
-from ray.serve.handle import DeploymentHandle
 
 from deployments.common.jobs import ImageJob, JobResult, Mode, ModelRef
-from serve_app.config import AppConfig
 from serve_app.errors import InputError
-from serve_app.files import InputFiles, OutputStore, publish_images
+from serve_app.files import publish_images
 from serve_app.schemas.common import size_of
 from serve_app.schemas.lcm import LcmInput, LcmOutput
-from serve_app.services.dispatch import Progress, Run, run_job
+from serve_app.services.dispatch import EndpointService, Progress, Run, run_job
 from serve_app.services.source_images import check_pixels, check_scale, check_strength, fetch_sources, fit
 
 MAX_INPUT_SIDE = 1024  # fal scales larger inputs down to this, keeping the aspect
@@ -30,13 +28,7 @@ def paste_outside_mask(generated: np.ndarray, original: np.ndarray, mask: np.nda
     return np.clip(generated * alpha + original * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
 
 
-class LcmService:
-    def __init__(self, model: DeploymentHandle, config: AppConfig, inputs: InputFiles, store: OutputStore) -> None:
-        self.model = model
-        self.config = config
-        self.inputs = inputs
-        self.store = store
-
+class LcmService(EndpointService):
     def _check(self, body: LcmInput) -> None:
         if body.mask_url and not body.image_url:
             raise InputError(["body", "mask_url"], "a mask needs the image it masks: set image_url too", "value_error")

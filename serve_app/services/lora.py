@@ -14,15 +14,13 @@ import secrets
 
 import numpy as np
 from PIL import Image as PILImage
-from ray.serve.handle import DeploymentHandle
 
 from deployments.common.jobs import ControlNetInput, ImageJob, IPAdapterInput, JobResult, Mode, ModelRef, Tiling
-from serve_app.config import AppConfig
 from serve_app.errors import InputError
-from serve_app.files import InputFiles, InputImage, OutputStore, data_uri, publish_images
+from serve_app.files import InputImage, data_uri, publish_images
 from serve_app.schemas.common import File, size_of
 from serve_app.schemas.lora import LoraImageToImageInput, LoraInpaintInput, LoraOutput, LoraTextToImageInput
-from serve_app.services.dispatch import Progress, Run, run_job
+from serve_app.services.dispatch import EndpointService, Progress, Run, run_job
 from serve_app.services.source_images import check_pixels, check_scale, check_strength, fetch_sources, fit
 
 LoraInput = LoraTextToImageInput | LoraImageToImageInput | LoraInpaintInput
@@ -51,13 +49,7 @@ def _shrink(image: InputImage, longest: int) -> np.ndarray:
     return np.asarray(PILImage.fromarray(image.pixels).resize(size, PILImage.Resampling.LANCZOS))
 
 
-class LoraService:
-    def __init__(self, model: DeploymentHandle, config: AppConfig, inputs: InputFiles, store: OutputStore) -> None:
-        self.model = model
-        self.config = config
-        self.inputs = inputs
-        self.store = store
-
+class LoraService(EndpointService):
     def _refuse_unserved(self, body: LoraInput) -> None:
         for name in IC_LIGHT:
             if getattr(body, name):
