@@ -7,7 +7,10 @@ cancels and timeouts in test_dispatcher.py.)
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import json
+import time
 
 import httpx
 import pytest
@@ -26,7 +29,7 @@ def wait_done(http, status_url: str, timeout_polls: int = 600) -> dict:
         if response.status_code == 200:
             return response.json()
         assert response.status_code == 202, response.text
-        __import__("time").sleep(0.05)
+        time.sleep(0.05)
     raise AssertionError("the job never completed")
 
 
@@ -172,9 +175,6 @@ def test_result_before_completion_is_400(http):
 def test_cancelling_a_running_request_stops_it_between_denoising_steps(http):
     """The replica skips the remaining steps of a call whose callers all went away, so the next
     request does not wait for them (one StableDiffusion replica serves both)."""
-    import datetime
-    import time
-
     out = http.post("/queue/fal-ai/lora", json={**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 150}).json()
     logs: list = []
     for _ in range(600):
@@ -191,3 +191,46 @@ def test_cancelling_a_running_request_stops_it_between_denoising_steps(http):
     waited = time.monotonic() - started
     remaining = (150 - len(logs)) * step_s
     assert waited < remaining / 3, (waited, remaining)  # it did not wait out the cancelled job's steps
+
+
+def test_jobs_of_a_killed_router_are_run_again_and_none_is_lost(http, files_dir):
+    """Kill the router replica while it runs queued jobs: Serve starts a new one, the jobs' leases
+    run out, and the new router's dispatcher runs them again. Every accepted job ends with its image."""
+    import ray
+
+    submitted = [http.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 20, "seed": i}).json() for i in range(6)]
+    for _ in range(200):
+        states = [http.get(s["status_url"]).json()["status"] for s in submitted]
+        if "IN_PROGRESS" in states:
+            break
+        time.sleep(0.05)
+    (router,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "diffusion-serve#Router" in a["name"]]
+    ray.kill(ray.get_actor(router["name"], namespace=router["namespace"]), no_restart=True)
+
+    results = {}
+    deadline = time.monotonic() + 180
+    while len(results) < len(submitted) and time.monotonic() < deadline:
+        for s in submitted:
+            if s["request_id"] in results:
+                continue
+            try:
+                status = http.get(s["status_url"])
+            except httpx.HTTPError:
+                continue  # the proxy has no router for a moment
+            if status.status_code == 200:
+                results[s["request_id"]] = http.get(s["response_url"])
+        time.sleep(0.2)
+    assert len(results) == len(submitted), "some accepted jobs never completed"
+    assert all(r.status_code == 200 and r.json()["images"] for r in results.values()), [r.text[:200] for r in results.values()]
+    assert sorted(r.json()["seed"] for r in results.values()) == list(range(6))
+
+    async def attempts() -> list[int]:
+        from serve_app.queue.sqlite_store import SqliteJobStore
+
+        store = SqliteJobStore(files_dir.parent / "jobs.sqlite3")  # the stack's own store file
+        records = [await store.get(s["request_id"]) for s in submitted]
+        await store.close()
+        assert all(r.gateway_request_id != r.request_id for r in records if r.attempts > 1)  # a retry is a new gateway request
+        return [r.attempts for r in records]
+
+    assert max(asyncio.run(attempts())) >= 2  # the killed router's jobs really ran again
