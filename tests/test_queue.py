@@ -1,5 +1,7 @@
 """fal's queue over HTTPS: the stock `fal_client` submits, polls, streams and fetches; every state's
-body, code and URL as the protocol says; cancel, errors and ownership.
+body, code and URL as the protocol says; cancel, errors and ownership; a killed router loses no job.
+The store-dependent tests run twice: on the main app (SQLite) and on a second app whose job store
+is the real Redis at 127.0.0.1:6379.
 
 (The store itself is tested on SQLite and Redis in test_job_store.py; the dispatcher's leases,
 cancels and timeouts in test_dispatcher.py.)
@@ -11,14 +13,67 @@ import asyncio
 import datetime
 import json
 import time
+import uuid
+from dataclasses import dataclass
 
 import httpx
 import pytest
 
 from tests.conftest import LIMITED_KEY
 from tests.test_fal_client import run_client
+from tests.test_job_store import REDIS
 
 pytestmark = pytest.mark.slow
+
+@dataclass
+class QueueApp:
+    """The stack's queue on one store: the main app (SQLite) or a second app on the real Redis."""
+
+    http: httpx.Client
+    app_name: str
+    store_url: str
+
+    def open_store(self):
+        from serve_app.queue import open_store
+
+        return open_store(self.store_url)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("redis", marks=pytest.mark.skipif(not REDIS, reason="no Redis at 127.0.0.1:6379"))])
+def queue_app(request, stack, http, files_dir, test_ca):
+    if request.param == "sqlite":
+        yield QueueApp(http, "diffusion-serve", f"sqlite://{files_dir.parent / 'jobs.sqlite3'}")
+        return
+    import redis
+    from ray import serve
+
+    from serve_app.app import assemble
+    from serve_app.config import AppConfig
+    from tests.conftest import AUTH_HEADERS, TEST_AUTH
+
+    prefix = f"test-queue-{uuid.uuid4().hex[:8]}:"
+    store_url = f"redis://127.0.0.1:6379/0#{prefix}"
+    config = AppConfig(
+        profile="demo",
+        files={"directory": str(files_dir)},
+        weights={"cache_dir": str(files_dir.parent / "weights-rq")},
+        auth=TEST_AUTH,
+        queue={"store_url": store_url, "lease_s": 3.0},
+    )
+    idle = {"ray_actor_options": {"num_cpus": 0}}  # this app's LCM and FLUX replicas are not used here
+    serve.run(assemble(config, {"ray_actor_options": {"num_gpus": 0.5, "num_cpus": 1}}, idle, idle), name="queue-redis", route_prefix="/rq")
+    with httpx.Client(base_url=f"{stack}/rq", timeout=120, verify=test_ca.ssl_context(), headers=AUTH_HEADERS) as client:
+        yield QueueApp(client, "queue-redis", store_url)
+    serve.delete("queue-redis")
+    server = redis.Redis(host="127.0.0.1", port=6379)
+    for key in server.scan_iter(match=f"{prefix}*"):
+        server.delete(key)
+
+
+@pytest.fixture
+def qhttp(queue_app) -> httpx.Client:
+    return queue_app.http
+
 
 SMALL = {"model_name": "runwayml/stable-diffusion-v1-5", "prompt": "a cat", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 3}
 
@@ -92,38 +147,38 @@ def test_the_stock_async_client_subscribes(stack, test_ca):
     assert out == {"seed": 4, "steps": 4}
 
 
-def test_submit_answers_fals_fields_with_absolute_urls(http, stack):
-    response = http.post("/queue/fal-ai/lora", json=SMALL)
+def test_submit_answers_fals_fields_with_absolute_urls(qhttp):
+    response = qhttp.post("/queue/fal-ai/lora", json=SMALL)
     assert response.status_code == 200, response.text
     out = response.json()
     request_id = out["request_id"]
     assert out["status"] == "IN_QUEUE" and out["gateway_request_id"] == request_id and out["queue_position"] >= 0
-    base = f"{stack}/queue/fal-ai/lora/requests/{request_id}"
+    base = f"{qhttp.base_url}".rstrip("/") + f"/queue/fal-ai/lora/requests/{request_id}"
     assert (out["response_url"], out["status_url"], out["cancel_url"]) == (base, f"{base}/status", f"{base}/cancel")
-    done = wait_done(http, out["status_url"])
+    done = wait_done(qhttp, out["status_url"])
     assert done["status"] == "COMPLETED" and done["metrics"]["inference_time"] > 0
     assert [log["message"] for log in done["logs"]] == ["step 1/3", "step 2/3", "step 3/3"]
     assert {"level", "source", "timestamp"} <= set(done["logs"][0])
-    assert http.get(out["status_url"]).json()["logs"] is None  # logs only when asked for
-    result = http.get(out["response_url"])
+    assert qhttp.get(out["status_url"]).json()["logs"] is None  # logs only when asked for
+    result = qhttp.get(out["response_url"])
     assert result.status_code == 200 and result.json()["images"][0]["width"] == 64
     # The long form (with the endpoint's path) reaches the same request.
-    assert http.get(f"/queue/fal-ai/lora/image-to-image/requests/{request_id}").json() == result.json()
+    assert qhttp.get(f"/queue/fal-ai/lora/image-to-image/requests/{request_id}").json() == result.json()
 
 
-def test_the_status_stream_sends_events_until_completed(http):
-    request_id = http.post("/queue/fal-ai/lora", json=SMALL).json()["request_id"]
-    with http.stream("GET", f"/queue/fal-ai/lora/requests/{request_id}/status/stream", params={"logs": "true"}) as response:
+def test_the_status_stream_sends_events_until_completed(qhttp):
+    request_id = qhttp.post("/queue/fal-ai/lora", json=SMALL).json()["request_id"]
+    with qhttp.stream("GET", f"/queue/fal-ai/lora/requests/{request_id}/status/stream", params={"logs": "true"}) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1]["status"] == "COMPLETED" and all(e["request_id"] == request_id for e in events)
 
 
-def test_a_request_that_fails_in_the_model_completes_with_its_error(http):
-    out = http.post("/queue/fal-ai/lora", json={**SMALL, "model_name": "/no/such/model"}).json()
-    done = wait_done(http, out["status_url"])
+def test_a_request_that_fails_in_the_model_completes_with_its_error(qhttp):
+    out = qhttp.post("/queue/fal-ai/lora", json={**SMALL, "model_name": "/no/such/model"}).json()
+    done = wait_done(qhttp, out["status_url"])
     assert done["status"] == "COMPLETED" and done["error_type"] == "validation_error"
-    result = http.get(out["response_url"])
+    result = qhttp.get(out["response_url"])
     assert result.status_code == 422 and result.json()["detail"][0]["loc"] == ["body", "model_name"]
 
 
@@ -147,29 +202,29 @@ def test_unknown_or_someone_elses_requests_are_404(http, stack, test_ca):
     assert http.get(mine["status_url"].replace("fal-ai/lora", "fal-ai/lcm")).status_code == 404  # ids belong to their app
 
 
-def test_cancel_a_queued_request_ends_it_with_499_and_a_finished_one_is_already_completed(http):
+def test_cancel_a_queued_request_ends_it_with_499_and_a_finished_one_is_already_completed(qhttp):
     # Many jobs ahead keep the last one queued long enough to cancel it.
     for _ in range(20):
-        http.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 10})
-    last = http.post("/queue/fal-ai/lora", json=SMALL).json()
-    cancel = http.put(last["cancel_url"])
+        qhttp.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 10})
+    last = qhttp.post("/queue/fal-ai/lora", json=SMALL).json()
+    cancel = qhttp.put(last["cancel_url"])
     assert cancel.status_code == 202 and cancel.json() == {"status": "CANCELLATION_REQUESTED"}
-    done = wait_done(http, last["status_url"])
+    done = wait_done(qhttp, last["status_url"])
     assert done["error_type"] == "client_cancelled"
-    result = http.get(last["response_url"])
+    result = qhttp.get(last["response_url"])
     assert result.status_code == 499 and result.json()["error_type"] == "client_cancelled"
-    assert http.put(last["cancel_url"]).json() == {"status": "ALREADY_COMPLETED"}
+    assert qhttp.put(last["cancel_url"]).json() == {"status": "ALREADY_COMPLETED"}
 
 
-def test_result_before_completion_is_400(http):
+def test_result_before_completion_is_400(qhttp):
     for _ in range(10):
-        http.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 10})
-    last = http.post("/queue/fal-ai/lora", json=SMALL).json()
-    early = http.get(last["response_url"])
+        qhttp.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 10})
+    last = qhttp.post("/queue/fal-ai/lora", json=SMALL).json()
+    early = qhttp.get(last["response_url"])
     assert early.status_code == 400 and early.json() == {"detail": "Request is still in progress"}
-    status = http.get(last["status_url"])
+    status = qhttp.get(last["status_url"])
     assert status.status_code == 202 and status.json()["status"] in ("IN_QUEUE", "IN_PROGRESS")
-    wait_done(http, last["status_url"])
+    wait_done(qhttp, last["status_url"])
 
 
 def test_cancelling_a_running_request_stops_it_between_denoising_steps(http):
@@ -193,18 +248,18 @@ def test_cancelling_a_running_request_stops_it_between_denoising_steps(http):
     assert waited < remaining / 3, (waited, remaining)  # it did not wait out the cancelled job's steps
 
 
-def test_jobs_of_a_killed_router_are_run_again_and_none_is_lost(http, files_dir):
+def test_jobs_of_a_killed_router_are_run_again_and_none_is_lost(queue_app, qhttp):
     """Kill the router replica while it runs queued jobs: Serve starts a new one, the jobs' leases
     run out, and the new router's dispatcher runs them again. Every accepted job ends with its image."""
     import ray
 
-    submitted = [http.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 20, "seed": i}).json() for i in range(6)]
+    submitted = [qhttp.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 20, "seed": i}).json() for i in range(6)]
     for _ in range(200):
-        states = [http.get(s["status_url"]).json()["status"] for s in submitted]
+        states = [qhttp.get(s["status_url"]).json()["status"] for s in submitted]
         if "IN_PROGRESS" in states:
             break
         time.sleep(0.05)
-    (router,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "diffusion-serve#Router" in a["name"]]
+    (router,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{queue_app.app_name}#Router" in a["name"]]
     ray.kill(ray.get_actor(router["name"], namespace=router["namespace"]), no_restart=True)
 
     results = {}
@@ -214,20 +269,18 @@ def test_jobs_of_a_killed_router_are_run_again_and_none_is_lost(http, files_dir)
             if s["request_id"] in results:
                 continue
             try:
-                status = http.get(s["status_url"])
+                status = qhttp.get(s["status_url"])
             except httpx.HTTPError:
                 continue  # the proxy has no router for a moment
             if status.status_code == 200:
-                results[s["request_id"]] = http.get(s["response_url"])
+                results[s["request_id"]] = qhttp.get(s["response_url"])
         time.sleep(0.2)
     assert len(results) == len(submitted), "some accepted jobs never completed"
     assert all(r.status_code == 200 and r.json()["images"] for r in results.values()), [r.text[:200] for r in results.values()]
     assert sorted(r.json()["seed"] for r in results.values()) == list(range(6))
 
     async def attempts() -> list[int]:
-        from serve_app.queue.sqlite_store import SqliteJobStore
-
-        store = SqliteJobStore(files_dir.parent / "jobs.sqlite3")  # the stack's own store file
+        store = queue_app.open_store()  # the app's own store
         records = [await store.get(s["request_id"]) for s in submitted]
         await store.close()
         assert all(r.gateway_request_id != r.request_id for r in records if r.attempts > 1)  # a retry is a new gateway request
