@@ -47,6 +47,7 @@ class StandIn:
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self.cancelled = 0
+        self.runs: dict[str, int] = {}
 
     async def run(self, body: Body, base_url: str, request_id: str, progress) -> FakeRun:
         self.started.set()
@@ -56,6 +57,10 @@ class StandIn:
             raise InputError(["body", "steps"], "too many", "value_error")
         if body.fail == "fal":
             raise FalError(503, "replica went away", "runner_disconnected")
+        if body.fail == "once":
+            self.runs[request_id] = self.runs.get(request_id, 0) + 1
+            if self.runs[request_id] == 1:
+                raise FalError(503, "the model replica running this request went away; retry", "runner_disconnected")
         if body.fail == "bug":
             raise RuntimeError("boom")
         if body.hold:
@@ -121,6 +126,23 @@ async def test_failures_become_the_jobs_result_in_fals_shapes(world, fail, code,
     body = json.loads(record.result)
     assert record.status_code == code
     assert body["detail"][0]["loc"] == ["body", "steps"] if fail == "input" else body["error_type"] == error_type
+
+
+async def test_a_job_whose_model_replica_died_runs_again(world):
+    store, stand_in, dispatcher = world
+    dispatcher()
+    record = await completed(store, await submit(store, fail="once"))
+    assert record.status_code == 200 and record.attempts == 2 and record.gateway_request_id != record.request_id
+
+
+async def test_a_job_whose_model_replica_keeps_dying_ends_after_its_attempts_and_no_retry_at_once(world):
+    store, _, dispatcher = world
+    dispatcher(max_attempts=2)
+    record = await completed(store, await submit(store, fail="fal"))
+    assert record.status_code == 503 and record.attempts == 2
+    once = await store.submit(NewJob(app="test/app", endpoint="test/app", payload=Body(fail="once").model_dump_json().encode(), key_id="k", no_retry=True))
+    done = await completed(store, once.request_id)
+    assert done.status_code == 503 and done.attempts == 1
 
 
 async def test_a_payload_the_schema_refuses_is_a_422_result(world):

@@ -141,8 +141,9 @@ async def test_an_expired_lease_requeues_the_job_at_the_head_with_a_new_gateway_
     later = await store.submit(job())
     await store.claim("dead-router", lease_s=0.05)
     await asyncio.sleep(0.1)
-    (requeued,) = await store.requeue_expired()
-    assert requeued.request_id == first.request_id and requeued.state is JobState.IN_QUEUE
+    assert await store.requeue_expired() == ([first.request_id], [])
+    requeued = await store.get(first.request_id)
+    assert requeued.state is JobState.IN_QUEUE
     assert requeued.gateway_request_id != first.request_id
     assert await store.position(first.request_id) == 0 and await store.position(later.request_id) == 1
     retried = await store.claim("live-router", 30)
@@ -157,13 +158,36 @@ async def test_a_no_retry_job_with_an_expired_lease_is_handed_back_not_requeued(
     record = await store.submit(job(no_retry=True))
     await store.claim("dead-router", lease_s=0.05)
     await asyncio.sleep(0.1)
-    (expired,) = await store.requeue_expired()
-    assert expired.request_id == record.request_id and expired.state is JobState.IN_PROGRESS
+    requeued, (expired,) = await store.requeue_expired()
+    assert requeued == [] and expired.request_id == record.request_id and expired.state is JobState.IN_PROGRESS
     assert await store.claim("w", 30) is None
     assert await store.finish(record.request_id, None, Outcome(503, b'{"error_type": "runner_disconnected"}'))
     assert (await store.get(record.request_id)).status_code == 503
-    assert await store.requeue_expired() == []
+    assert await store.requeue_expired() == ([], [])
 
+
+
+async def test_the_lease_holder_can_give_a_job_back_to_the_head_of_the_queue(store):
+    first, later = await store.submit(job()), await store.submit(job())
+    await store.claim("router-1", 30)
+    assert not await store.release(first.request_id, "router-2")  # not its lease
+    assert await store.release(first.request_id, "router-1")
+    back = await store.get(first.request_id)
+    assert back.state is JobState.IN_QUEUE and back.gateway_request_id != first.request_id
+    assert await store.position(first.request_id) == 0 and await store.position(later.request_id) == 1
+    assert (await store.claim("router-2", 30)).attempts == 2
+    assert await store.running("alice") == 1  # counted once, by its new holder
+
+
+async def test_a_job_that_has_had_its_attempts_is_handed_back_not_requeued(store):
+    record = await store.submit(job())
+    for attempt in (1, 2):
+        await store.claim(f"router-{attempt}", lease_s=0.05)
+        await asyncio.sleep(0.1)
+        requeued, handed_back = await store.requeue_expired(max_attempts=2)
+    (expired,) = handed_back
+    assert requeued == [] and expired.request_id == record.request_id and expired.state is JobState.IN_PROGRESS and expired.attempts == 2
+    assert await store.claim("w", 30) is None
 
 
 async def test_cancel_in_each_state(store):

@@ -287,3 +287,29 @@ def test_jobs_of_a_killed_router_are_run_again_and_none_is_lost(queue_app, qhttp
         return [r.attempts for r in records]
 
     assert max(asyncio.run(attempts())) >= 2  # the killed router's jobs really ran again
+
+
+def test_a_job_whose_model_replica_is_killed_runs_again_on_the_new_one(queue_app, qhttp):
+    """Kill the StableDiffusion replica under a running job: the router gives the job back to the
+    queue (the replica's fault, not the request's), Serve starts a new replica, the job ends with
+    its image on its second attempt."""
+    import ray
+
+    out = qhttp.post("/queue/fal-ai/lora", json={**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 60, "seed": 31}).json()
+    for _ in range(600):
+        if len(qhttp.get(out["status_url"], params={"logs": "1"}).json().get("logs") or []) >= 2:
+            break
+        time.sleep(0.05)
+    (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{queue_app.app_name}#StableDiffusion" in a["name"]]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    done = wait_done(qhttp, out["status_url"], timeout_polls=3000)
+    result = qhttp.get(out["response_url"])
+    assert result.status_code == 200 and result.json()["seed"] == 31, result.text[:300]
+
+    async def attempts() -> int:
+        store = queue_app.open_store()
+        record = await store.get(out["request_id"])
+        await store.close()
+        return record.attempts
+
+    assert asyncio.run(attempts()) == 2 and done["status"] == "COMPLETED"

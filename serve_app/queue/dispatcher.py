@@ -3,7 +3,8 @@
 Each of a replica's `dispatch_slots` loops claims the oldest job it may run, runs it through the
 same endpoint code as a synchronous call (with progress streamed into the job's logs), renews
 its lease while it runs, stops it when a cancel is asked for, and writes the outcome, the only
-write that ends a job. A housekeeping loop requeues jobs whose router died (their leases ran out),
+write that ends a job. A job whose model replica died is given back to the queue (up to `max_attempts` runs). A
+housekeeping loop requeues jobs whose router died (their leases ran out),
 ends jobs that waited past their start timeout (504), and purges old results.
 """
 
@@ -119,7 +120,18 @@ class Dispatcher:
             outcome = CANCELLED
         else:
             outcome = running.result()
+        if self._retry(job, outcome):
+            logger.warning("request %s: its model replica went away; queued again (attempt %d next)", job.request_id, job.attempts + 1)
+            await self.store.release(job.request_id, self.worker)
+            return
         await self.store.finish(job.request_id, self.worker, outcome)
+
+    def _retry(self, job: JobRecord, outcome: Outcome) -> bool:
+        """A model replica that died under a job is the cluster's fault, not the request's: run it
+        again, unless it asked not to be retried or has had its attempts."""
+        if outcome.status_code != 503 or job.no_retry or job.attempts >= self.settings.max_attempts:
+            return False
+        return json.loads(outcome.body).get("error_type") == "runner_disconnected"
 
     async def _outcome(self, job: JobRecord) -> Outcome:
         endpoint = self.endpoints[job.endpoint]
@@ -143,12 +155,13 @@ class Dispatcher:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             try:
-                for record in await self.store.requeue_expired():
-                    if record.no_retry:
-                        body = {"detail": "the router running this request went away, and it asked not to be retried", "error_type": "runner_disconnected"}
-                        await self.store.finish(record.request_id, None, Outcome(503, json.dumps(body).encode()))
-                    else:
-                        logger.warning("request %s: its router went away; queued again (attempt %d)", record.request_id, record.attempts + 1)
+                requeued, handed_back = await self.store.requeue_expired(self.settings.max_attempts)
+                for request_id in requeued:
+                    logger.warning("request %s: its router went away; queued again", request_id)
+                for record in handed_back:  # it may not run again
+                    why = "it asked not to be retried" if record.no_retry else f"it already ran {record.attempts} times"
+                    body = {"detail": f"the router running this request went away, and {why}", "error_type": "runner_disconnected"}
+                    await self.store.finish(record.request_id, None, Outcome(503, json.dumps(body).encode()))
                 for record in await self.store.expired_unstarted():
                     body = {"detail": "the request did not start within its start timeout", "error_type": "request_timeout"}
                     await self.store.finish(record.request_id, None, Outcome(504, json.dumps(body).encode()))

@@ -143,15 +143,21 @@ return 'cancelled'
 """
 
 _REQUEUE = """
-local p, id, now, gateway = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+-- With a worker: that lease holder gives the job back. Without: the job's lease has run out.
+local p, id, now, gateway, worker, max_attempts = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
 local job = p .. 'job:' .. id
-local fields = redis.call('HMGET', job, 'state', 'lease_until', 'no_retry', 'priority', 'seq', 'key_id', 'app')
-if fields[1] ~= 'IN_PROGRESS' or fields[2] == '' or tonumber(fields[2]) >= now then return 0 end
+local fields = redis.call('HMGET', job, 'state', 'lease_until', 'no_retry', 'priority', 'seq', 'key_id', 'app', 'lease_owner', 'attempts')
+if fields[1] ~= 'IN_PROGRESS' then return 0 end
+if worker ~= '' then
+  if fields[8] ~= worker then return 0 end
+elseif fields[2] == '' or tonumber(fields[2]) >= now then
+  return 0
+end
 redis.call('ZREM', p .. 'leases', id)
-if fields[3] == '1' then
-  -- Its worker is gone and it must not run twice: the caller completes it.
+if worker == '' and (fields[3] == '1' or (max_attempts >= 0 and tonumber(fields[9]) >= max_attempts)) then
+  -- Its worker is gone and it must not run again: the caller completes it.
   redis.call('HSET', job, 'lease_owner', '', 'lease_until', '')
-  return 1
+  return 2
 end
 -- Back to the head of its priority: its sequence number is older than anything still queued.
 redis.call('HSET', job, 'state', 'IN_QUEUE', 'lease_owner', '', 'lease_until', '', 'started_at', '', 'gateway_request_id', gateway)
@@ -290,17 +296,22 @@ class RedisJobStore:
     async def cancel_requested(self, request_id: str) -> bool:
         return await self.redis.hget(self._key("job", request_id), "cancel_requested") == b"1"
 
-    async def requeue_expired(self) -> list[JobRecord]:
+    async def requeue_expired(self, max_attempts: int | None = None) -> tuple[list[str], list[JobRecord]]:
         moment = now()
         expired = await self.redis.zrangebyscore(self._key("leases"), "-inf", f"({moment}")
-        handled = []
+        requeued, handed_back = [], []
         for raw in expired:
             request_id = raw.decode()
-            if await self._scripts["requeue"](args=[self.prefix, request_id, moment, new_gateway_id()]):
-                record = await self.get(request_id)
-                if record is not None:
-                    handled.append(record)
-        return handled
+            args = [self.prefix, request_id, moment, new_gateway_id(), "", max_attempts if max_attempts is not None else -1]
+            outcome = await self._scripts["requeue"](args=args)  # 1: requeued, 2: handed back
+            if outcome == 1:
+                requeued.append(request_id)
+            elif outcome == 2 and (record := await self.get(request_id)) is not None:
+                handed_back.append(record)
+        return requeued, handed_back
+
+    async def release(self, request_id: str, worker: str) -> bool:
+        return bool(await self._scripts["requeue"](args=[self.prefix, request_id, now(), new_gateway_id(), worker, -1]))
 
     async def expired_unstarted(self) -> list[JobRecord]:
         ids = await self.redis.zrangebyscore(self._key("deadlines"), "-inf", f"({now()}")

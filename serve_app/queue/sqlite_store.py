@@ -272,24 +272,39 @@ class SqliteJobStore:
         row = await self._run(lambda: self._conn().execute("SELECT cancel_requested FROM jobs WHERE request_id = ?", (request_id,)).fetchone())
         return bool(row and row[0])
 
-    async def requeue_expired(self) -> list[JobRecord]:
-        def requeue(db: sqlite3.Connection) -> list[tuple[str, bool]]:
-            expired = db.execute("SELECT request_id, no_retry FROM jobs WHERE state = 'IN_PROGRESS' AND lease_until < ?", (now(),)).fetchall()
-            for request_id, no_retry in expired:
-                if no_retry:
-                    # Its worker is gone and it must not run twice: the caller completes it.
-                    db.execute("UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE request_id = ?", (request_id,))
-                else:
-                    # Back to the head of its priority (its seq is older than anything still queued).
-                    db.execute(
-                        "UPDATE jobs SET state = 'IN_QUEUE', lease_owner = NULL, lease_until = NULL, started_at = NULL,"
-                        " gateway_request_id = ? WHERE request_id = ?",
-                        (new_gateway_id(), request_id),
-                    )
-            return expired
+    @staticmethod
+    def _requeue(db: sqlite3.Connection, request_id: str) -> None:
+        """Back to the head of its priority (its seq is older than anything still queued)."""
+        db.execute(
+            "UPDATE jobs SET state = 'IN_QUEUE', lease_owner = NULL, lease_until = NULL, started_at = NULL, gateway_request_id = ? WHERE request_id = ?",
+            (new_gateway_id(), request_id),
+        )
 
-        expired = await self._run(self._transaction, requeue)
-        return [r for r in [await self.get(request_id) for request_id, _ in expired] if r is not None]
+    async def requeue_expired(self, max_attempts: int | None = None) -> tuple[list[str], list[JobRecord]]:
+        def requeue(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            expired = db.execute("SELECT request_id, no_retry, attempts FROM jobs WHERE state = 'IN_PROGRESS' AND lease_until < ?", (now(),)).fetchall()
+            requeued, handed_back = [], []
+            for request_id, no_retry, attempts in expired:
+                if no_retry or (max_attempts is not None and attempts >= max_attempts):
+                    # Its worker is gone and it must not run again: the caller completes it.
+                    db.execute("UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE request_id = ?", (request_id,))
+                    handed_back.append(request_id)
+                else:
+                    self._requeue(db, request_id)
+                    requeued.append(request_id)
+            return requeued, handed_back
+
+        requeued, handed_back = await self._run(self._transaction, requeue)
+        return requeued, [r for r in [await self.get(request_id) for request_id in handed_back] if r is not None]
+
+    async def release(self, request_id: str, worker: str) -> bool:
+        def release(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT 1 FROM jobs WHERE request_id = ? AND state = 'IN_PROGRESS' AND lease_owner = ?", (request_id, worker)).fetchone()
+            if row is not None:
+                self._requeue(db, request_id)
+            return row is not None
+
+        return await self._run(self._transaction, release)
 
     async def expired_unstarted(self) -> list[JobRecord]:
         def expired() -> list[str]:

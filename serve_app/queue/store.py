@@ -4,8 +4,9 @@ A job moves IN_QUEUE -> IN_PROGRESS -> COMPLETED (fal knows only these three; a 
 cancelled job is COMPLETED with an error result). Order: FIFO within a priority, every `normal`
 job before any `low` one; `queue_position` is exact (jobs ahead of it). A dispatcher `claim`s the
 first job it may run and holds a lease on it, renewed while the job runs; a job whose lease runs
-out (its router died) is queued again at the head of its priority with a new
-`gateway_request_id`, unless it asked not to be retried. Only the lease holder's result counts,
+out (its router died), or that its router gives back (its model replica died), is queued again
+at the head of its priority with a new `gateway_request_id`, unless it asked not to be retried
+or has run `max_attempts` times. Only the lease holder's result counts,
 so a worker that lost its lease cannot overwrite the retry's.
 
 Stores implement `JobStore`; the same tests run against each (tests/test_job_store.py).
@@ -141,9 +142,14 @@ class JobStore(Protocol):
     async def cancel_requested(self, request_id: str) -> bool:
         """Whether a running job's cancel was asked for (its worker polls this between steps)."""
 
-    async def requeue_expired(self) -> list[JobRecord]:
-        """Jobs whose lease ran out: queued again at the head of their priority (new gateway id),
-        or, with `no_retry`, returned so the caller can complete them with an error."""
+    async def requeue_expired(self, max_attempts: int | None = None) -> tuple[list[str], list[JobRecord]]:
+        """Jobs whose lease ran out: queued again at the head of their priority (new gateway id;
+        their ids come first), or, with `no_retry` or after `max_attempts` runs, left IN_PROGRESS
+        without a lease and returned second, so the caller completes them with an error."""
+
+    async def release(self, request_id: str, worker: str) -> bool:
+        """The lease holder gives a job back (its model replica died): queued again at the head
+        of its priority with a new gateway id. False when `worker` no longer holds it."""
 
     async def expired_unstarted(self) -> list[JobRecord]:
         """Queued jobs past their start deadline."""
