@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from deployments.common.generation import StepCallback, denoise, expand, finish
+from deployments.common.generation import StepCallback, denoise, expand, finish, pipelines_for_modes
 from deployments.common.jobs import ImageJob, JobInputError, JobResult, Mode, ModelRef
 from deployments.common.lora import LoadedAdapters, ResolvedLora, lora_batch_key
 from deployments.common.replica import ModelReplica
@@ -46,7 +46,7 @@ class FluxModel:
 def load_flux_model(location: str, device: torch.device, dtype: torch.dtype, max_loras: int = 32, name: str | None = None) -> FluxModel:
     """Load a FLUX pipeline from a diffusers directory or HF repo id; `name` is what errors call it
     (the user's `model_name`, not the local path it resolved to)."""
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, FluxPipeline
+    from diffusers import FluxPipeline
 
     if dtype == torch.float16:
         dtype = torch.bfloat16  # FLUX's activations overflow fp16 (black images); it is made for bf16
@@ -57,15 +57,7 @@ def load_flux_model(location: str, device: torch.device, dtype: torch.dtype, max
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise JobInputError(("model_name",), f"model {name!r} could not be loaded: {reason}", "model_load_error") from None
     pipe.to(device)
-    # The AutoPipeline's `from_pipe`, not FluxImg2ImgPipeline's: that one casts every module it
-    # shares to its `torch_dtype` argument, float32 when not given.
-    pipelines: dict[Mode, Any] = {
-        "text-to-image": pipe,
-        "image-to-image": AutoPipelineForImage2Image.from_pipe(pipe),
-        "inpaint": AutoPipelineForInpainting.from_pipe(pipe),
-    }
-    for p in pipelines.values():
-        p.set_progress_bar_config(disable=True)
+    pipelines = pipelines_for_modes(pipe)
     logger.info("loaded FLUX model %s on %s as %s", name, device, dtype)
     return FluxModel(name, pipelines, LoadedAdapters(pipe, max_loras))
 

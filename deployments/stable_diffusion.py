@@ -27,7 +27,7 @@ from deployments.common.controlnets import (
     resolve_controlnet,
 )
 from deployments.common.embeddings import LoadedEmbeddings, ResolvedEmbedding
-from deployments.common.generation import StepCallback, denoise, expand, finish
+from deployments.common.generation import StepCallback, denoise, expand, finish, pipelines_for_modes
 from deployments.common.ip_adapters import LoadedIPAdapters, ResolvedIPAdapter, ip_adapter_kwargs
 from deployments.common.jobs import ImageJob, JobInputError, JobResult, Mode
 from deployments.common.lora import LoadedAdapters, ResolvedLora, lora_batch_key
@@ -101,8 +101,6 @@ def load_sd_model(
     resolved: ResolvedModel, device: torch.device, dtype: torch.dtype, max_loras: int = 32, max_controlnets: int = 4
 ) -> SDModel:
     from diffusers import (
-        AutoPipelineForImage2Image,
-        AutoPipelineForInpainting,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
@@ -129,14 +127,7 @@ def load_sd_model(
             raise _load_error("variant", f"variant {base.variant!r} of {name}", exc) from None
         raise _load_error("model_name", name, exc) from None
     pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    pipelines: dict[Mode, Any] = {
-        "text-to-image": pipe,
-        "image-to-image": AutoPipelineForImage2Image.from_pipe(pipe),
-        "inpaint": AutoPipelineForInpainting.from_pipe(pipe),
-    }
-    for p in pipelines.values():
-        p.set_progress_bar_config(disable=True)
+    pipelines = pipelines_for_modes(pipe)
     logger.info("loaded %s (%s) on %s as %s", resolved.ref.model_name, resolved.architecture, device, dtype)
     return SDModel(
         resolved,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 
 from deployments.common.images import to_pil_mask, to_pil_rgb
-from deployments.common.jobs import ImageJob, JobInputError, JobResult
+from deployments.common.jobs import ImageJob, JobInputError, JobResult, Mode
 from deployments.common.safety import SafetyChecker, blacken
 from deployments.common.vae_decode import decode_latents
 
@@ -68,6 +69,22 @@ def expand(jobs: list[ImageJob]) -> BatchItems:
             if mask is not None:
                 items.masks.append(mask)
     return items
+
+
+def pipelines_for_modes(pipe) -> dict[Mode, Any]:
+    """A loaded text-to-image pipeline and its image-to-image and inpainting siblings, sharing
+    its weights (AutoPipeline's `from_pipe` keeps each module's dtype; the family classes' own
+    `from_pipe` casts to its `torch_dtype` argument, float32 when not given)."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    pipelines: dict[Mode, Any] = {
+        "text-to-image": pipe,
+        "image-to-image": AutoPipelineForImage2Image.from_pipe(pipe),
+        "inpaint": AutoPipelineForInpainting.from_pipe(pipe),
+    }
+    for p in pipelines.values():
+        p.set_progress_bar_config(disable=True)
+    return pipelines
 
 
 def denoise(pipe, kwargs: dict) -> torch.Tensor:
