@@ -72,6 +72,29 @@ class QueueSettings(_Frozen):
     poll_interval_s: float = Field(0.05, gt=0, description="how often an idle dispatcher looks for work")
 
 
+class WebhookSettings(_Frozen):
+    """`?fal_webhook=` deliveries: retried with growing delays, signed with ED25519."""
+
+    max_attempts: int = Field(10, ge=1, le=100, description="tries per delivery (fal: 10)")
+    retry_window_s: float = Field(7200.0, gt=0, description="the tries spread over this long, delays doubling (fal: 2 hours)")
+    timeout_s: float = Field(15.0, gt=0, le=300, description="a receiver that takes longer fails that try")
+    concurrency: int = Field(8, ge=1, description="deliveries each router replica makes at once")
+    poll_interval_s: float = Field(0.2, gt=0, description="how often an idle deliverer looks for due deliveries")
+    max_payload_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="larger results are announced with payload null and payload_error (fetch them instead)"
+    )
+    signing_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="base64 ED25519 private keys (`python -m serve_app.queue.webhooks new-key`): the first signs, all are "
+        "published at /.well-known/jwks.json (rotation); default: one made once and kept in the job store",
+    )
+
+    @field_serializer("signing_keys", when_used="json")
+    def _reveal(self, keys: list[SecretStr]) -> list[str]:
+        """The deployments get the config as JSON: the keys must survive that trip (their repr stays masked)."""
+        return [key.get_secret_value() for key in keys]
+
+
 class ApiKey(_Frozen):
     """A client's key, known by its id; the key itself is never configured, only its sha256
     (`python -m serve_app.auth new ID` makes a key and this entry)."""
@@ -195,6 +218,7 @@ class AppConfig(BaseSettings):
     realtime: RealtimeSettings = RealtimeSettings()
     auth: AuthSettings = AuthSettings()
     queue: QueueSettings = QueueSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:

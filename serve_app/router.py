@@ -25,6 +25,7 @@ from serve_app.files import InputFiles, LocalFileStore, make_output_store
 from serve_app.queue import open_store
 from serve_app.queue.dispatcher import Dispatcher, Endpoint, app_of
 from serve_app.queue.service import QueueService
+from serve_app.queue.webhooks import Deliverer, SigningKeys
 from serve_app.realtime import BadFrame, RealtimeSession, max_buffering_of
 from serve_app.schemas.auth import TokenRequest
 from serve_app.schemas.flux import FluxImageToImageInput, FluxInpaintInput, FluxOutput, FluxTextToImageInput
@@ -103,6 +104,9 @@ class AuthMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
+        root = scope.get("root_path", "")  # an app under a route prefix sees it in the path
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
         if scope["type"] != "http" or path in self.PUBLIC or path.startswith(self.PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
@@ -154,9 +158,13 @@ class Router:
         # fal's queue: jobs wait in the durable store; this replica's dispatcher runs some of them.
         endpoints = self._queued_endpoints()
         self.jobs = open_store(self.config.queue.store_url)
-        self.queue = QueueService(self.jobs, endpoints, self.config.queue)
-        self.dispatcher = Dispatcher(self.jobs, endpoints, self.config.queue, serve.get_replica_context().replica_id.unique_id)
+        self.queue = QueueService(self.jobs, endpoints, self.config.queue, self.config.network)
+        worker = serve.get_replica_context().replica_id.unique_id
+        self.dispatcher = Dispatcher(self.jobs, endpoints, self.config.queue, worker)
         self.dispatcher.start()
+        self.signing_keys = SigningKeys(self.config.webhooks, self.jobs)
+        self.deliverer = Deliverer(self.jobs, self.config.webhooks, self.config.network, self.signing_keys, worker)
+        self.deliverer.start()
         logger.info("router up, profile %s", self.config.profile)
 
     def _queued_endpoints(self) -> dict[str, Endpoint]:
@@ -268,7 +276,8 @@ class Router:
 
     @api.post("/queue/{endpoint_id:path}", tags=["queue"])
     async def queue_submit(self, endpoint_id: str, request: Request):
-        """Queue a request for any endpoint id (`?fal_webhook=` is not served yet)."""
+        """Queue a request for any endpoint id; with `?fal_webhook=URL`, its outcome is POSTed
+        there when it completes (signed; keys at /.well-known/jwks.json)."""
         body = await request.body()
         return await self.queue.submit(endpoint_id, body, request.headers, request.query_params, request.state.caller, _base_url(request))
 
@@ -291,6 +300,12 @@ class Router:
     async def queue_result(self, app: str, request_id: str, request: Request):
         """The model's own status code and body; 400 while the request is not done."""
         return await self.queue.result(app_of(app), request_id, request.state.caller)
+
+    @api.get("/.well-known/jwks.json", tags=["queue"])
+    async def jwks(self) -> JSONResponse:
+        """The public ED25519 keys webhook deliveries are signed with (a JWKS document)."""
+        signer = await self.signing_keys.signer()
+        return JSONResponse(signer.jwks(), headers={"Cache-Control": "public, max-age=300"})
 
     @api.get("/files/{name}", tags=["files"])
     async def file(self, name: str):

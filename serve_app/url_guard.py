@@ -213,6 +213,56 @@ async def fetch_into(
         ) from None
 
 
+async def check_url(url: str, policy: NetworkPolicy, *, subject: str = "The URL") -> httpx.URL:
+    """Parse ``url`` and check where it resolves to now (for URLs we call later, like webhooks;
+    the call itself checks again, as the address may change)."""
+    parsed = _parse_url(url)
+    await resolve_and_check(
+        parsed.raw_host.decode("ascii"), parsed.port or _DEFAULT_PORTS[parsed.scheme], policy, subject=f"{subject} {_redact(parsed)}"
+    )
+    return parsed
+
+
+async def post(
+    url: str, content: bytes, headers: dict[str, str], policy: NetworkPolicy, timeout_s: float, client: httpx.AsyncClient | None = None
+) -> int:
+    """POST ``content`` to ``url`` once, under the same checks as a fetch, and return the status
+    code. Redirects are not followed (a 3xx is the answer); at most 64 KiB of the reply is read.
+    Raises ``UrlFetchError`` when the address is forbidden or the call fails or times out."""
+    parsed = _parse_url(url)
+    shown = _redact(parsed)
+
+    async def send(client: httpx.AsyncClient) -> int:
+        addresses = await resolve_and_check(
+            parsed.raw_host.decode("ascii"), parsed.port or _DEFAULT_PORTS[parsed.scheme], policy, subject=f"The URL {shown}"
+        )
+        kwargs = _pinned_request(parsed, addresses[0], policy)
+        request = client.build_request("POST", content=content, **{**kwargs, "headers": {**kwargs["headers"], **headers}})
+        response = await client.send(request, stream=True, follow_redirects=False)
+        try:
+            read = 0
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read > 64 * 1024:
+                    break
+            return response.status_code
+        finally:
+            await response.aclose()
+
+    async def with_client() -> int:
+        if client is not None:
+            return await send(client)
+        async with _new_client(policy) as own:
+            return await send(own)
+
+    try:
+        return await asyncio.wait_for(with_client(), timeout=timeout_s)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        raise UrlFetchError(f"{shown} did not answer within {timeout_s:g} s", "url_timeout") from None
+    except httpx.RequestError as exc:
+        raise UrlFetchError(f"could not reach {shown} ({type(exc).__name__})", "url_unreachable") from None
+
+
 async def _fetch(
     url: str, policy: NetworkPolicy, max_bytes: int, sink: BinaryIO, client: httpx.AsyncClient | None
 ) -> FetchInfo:
@@ -400,6 +450,11 @@ def _redact(url: httpx.URL) -> str:
         return str(url.copy_with(userinfo=b"", query=None, fragment=None))
     except httpx.InvalidURL:  # pragma: no cover - defensive
         return "the URL"
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs and messages: no credentials, query or fragment."""
+    return _redact_str(url)
 
 
 def _redact_str(url: str) -> str:

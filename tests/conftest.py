@@ -27,6 +27,8 @@ import pytest
 from PIL import Image
 
 IMAGE_HOST = "127.0.0.2"  # loopback, but a different address from the server's: only it is allowed
+ALLOWED_NETWORK = {"allowed_networks": [f"{IMAGE_HOST}/32"], "timeout_s": 3.0}  # input images, adapters, webhooks
+FAST_WEBHOOKS = {"max_attempts": 4, "retry_window_s": 1.4, "timeout_s": 2.0, "poll_interval_s": 0.05}  # waits 0.2, 0.4, 0.8 s
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -196,7 +198,8 @@ def stack(ray_cluster, files_dir, test_ca) -> Iterator[str]:
     config = AppConfig(
         profile="demo",
         files={"directory": str(files_dir)},
-        network={"allowed_networks": [f"{IMAGE_HOST}/32"], "timeout_s": 3.0},
+        network=ALLOWED_NETWORK,
+        webhooks=FAST_WEBHOOKS,
         limits={"max_input_image_bytes": 2 * 1024 * 1024, "max_pixels": 1024 * 1024},
         batching={"max_wait_ms": 30.0},
         weights={"cache_dir": str(files_dir.parent / "weights"), "max_file_bytes": 4 * 1024 * 1024},

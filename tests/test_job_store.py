@@ -2,7 +2,8 @@
 
 Order (FIFO within a priority, low behind normal, exact positions), leases (claim, renew, expiry
 and retry with a new gateway id; no retry when asked), only the lease holder finishes a job,
-cancel in each state, start deadlines, per-key limits, purging, and durability across reopening.
+cancel in each state, start deadlines, per-key limits, purging, durability across reopening, and
+webhook deliveries (created with the completion, leased, retried, kept from purging while pending).
 """
 
 from __future__ import annotations
@@ -259,6 +260,76 @@ async def test_concurrent_claims_hand_each_job_to_one_worker(reopen):
         await s.close()
 
 
+
+
+async def test_a_job_with_a_webhook_gets_its_delivery_when_it_completes_by_any_path(store):
+    hooked = [await store.submit(job(webhook_url=f"https://example.com/{i}")) for i in range(3)]
+    plain = await store.submit(job())
+    assert (await store.get(hooked[0].request_id)).webhook_state is None  # nothing to announce yet
+    assert await store.claim_webhook("d", 30) is None
+    for _ in range(2):
+        await store.claim("w", 30)
+    await store.finish(hooked[0].request_id, "w", Outcome(200, b'{"images": []}'))  # finished by its worker
+    await store.finish(hooked[1].request_id, None, Outcome(504, b'{"detail": "late"}'))  # by housekeeping
+    assert await store.cancel(hooked[2].request_id) == "cancelled"  # a queued one cancelled
+    claimed = [await store.claim_webhook("d", 30) for _ in range(4)]
+    assert [r.request_id for r in claimed[:3]] == [r.request_id for r in hooked] and claimed[3] is None  # oldest first, each once
+    assert claimed[0].result == b'{"images": []}' and claimed[0].webhook_attempts == 1 and claimed[0].webhook_state == "pending"
+    assert (await store.get(plain.request_id)).webhook_state is None
+
+
+async def test_a_failed_delivery_is_due_again_at_its_retry_time_and_only_its_holder_reports(store):
+    record = await store.submit(job(webhook_url="https://example.com/hook"))
+    await store.cancel(record.request_id)
+    await store.claim_webhook("d1", 30)
+    assert not await store.webhook_attempted(record.request_id, "d2", True, None, None)  # not d2's to report
+    assert await store.webhook_attempted(record.request_id, "d1", False, "HTTP 500", time.time() + 0.3)
+    assert await store.claim_webhook("d1", 30) is None  # not due yet
+    await asyncio.sleep(0.4)
+    again = await store.claim_webhook("d2", 30)
+    assert again.request_id == record.request_id and again.webhook_attempts == 2 and again.webhook_error == "HTTP 500"
+    assert await store.webhook_attempted(record.request_id, "d2", True, None, None)
+    done = await store.get(record.request_id)
+    assert (done.webhook_state, done.webhook_attempts, done.webhook_error) == ("delivered", 2, None)
+    assert await store.claim_webhook("d1", 0) is None
+
+
+async def test_a_delivery_whose_deliverer_died_is_due_again_when_its_lease_ends(store):
+    record = await store.submit(job(webhook_url="https://example.com/hook"))
+    await store.cancel(record.request_id)
+    await store.claim_webhook("dead", 0.3)  # and never reports
+    assert await store.claim_webhook("alive", 30) is None
+    await asyncio.sleep(0.4)
+    assert (await store.claim_webhook("alive", 30)).request_id == record.request_id
+    assert not await store.webhook_attempted(record.request_id, "dead", True, None, None)  # too late: it is alive's now
+    assert await store.webhook_attempted(record.request_id, "alive", False, "gave up", None)
+    assert (await store.get(record.request_id)).webhook_state == "failed"
+
+
+async def test_a_job_is_not_purged_while_its_webhook_is_pending(store):
+    pending, delivered = await store.submit(job(webhook_url="https://a.example/")), await store.submit(job(webhook_url="https://b.example/"))
+    for record in (pending, delivered):
+        await store.cancel(record.request_id)
+    await store.claim_webhook("d", 30)
+    await store.webhook_attempted(pending.request_id, "d", False, "HTTP 503", time.time() + 60)
+    await store.claim_webhook("d", 30)
+    await store.webhook_attempted(delivered.request_id, "d", True, None, None)
+    await asyncio.sleep(0.2)
+    assert await store.purge(older_than_s=0.1) == 1
+    assert await store.get(delivered.request_id) is None
+    assert (await store.get(pending.request_id)).webhook_state == "pending"
+
+
+async def test_pending_deliveries_and_shared_values_survive_reopening_the_store(reopen):
+    first = reopen()
+    record = await first.submit(job(webhook_url="https://example.com/hook"))
+    await first.cancel(record.request_id)
+    assert await first.shared_value("key", b"one") == b"one"
+    await first.close()
+    second = reopen()
+    assert await second.shared_value("key", b"two") == b"one"  # the first value stays
+    assert (await second.claim_webhook("d", 30)).request_id == record.request_id
+    await second.close()
 
 
 async def test_the_store_is_chosen_by_url(tmp_path):

@@ -1,5 +1,6 @@
 """fal's queue over HTTPS: the stock `fal_client` submits, polls, streams and fetches; every state's
-body, code and URL as the protocol says; cancel, errors and ownership; a killed router loses no job.
+body, code and URL as the protocol says; cancel, errors and ownership; signed webhooks, retried
+after failures, that never hold up the queue; a killed router or model replica loses no job.
 The store-dependent tests run twice: on the main app (SQLite) and on a second app whose job store
 is the real Redis at 127.0.0.1:6379.
 
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.conftest import LIMITED_KEY
+from tests.conftest import IMAGE_HOST, LIMITED_KEY
 from tests.test_fal_client import run_client
 from tests.test_job_store import REDIS
+from tests.webhook_receiver import WebhookReceiver, verify
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +34,7 @@ class QueueApp:
     http: httpx.Client
     app_name: str
     store_url: str
+    base: str  # the app's base URL (the stock client's hosts point here)
 
     def open_store(self):
         from serve_app.queue import open_store
@@ -42,14 +45,14 @@ class QueueApp:
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("redis", marks=pytest.mark.skipif(not REDIS, reason="no Redis at 127.0.0.1:6379"))])
 def queue_app(request, stack, http, files_dir, test_ca):
     if request.param == "sqlite":
-        yield QueueApp(http, "diffusion-serve", f"sqlite://{files_dir.parent / 'jobs.sqlite3'}")
+        yield QueueApp(http, "diffusion-serve", f"sqlite://{files_dir.parent / 'jobs.sqlite3'}", stack)
         return
     import redis
     from ray import serve
 
     from serve_app.app import assemble
     from serve_app.config import AppConfig
-    from tests.conftest import AUTH_HEADERS, TEST_AUTH
+    from tests.conftest import ALLOWED_NETWORK, AUTH_HEADERS, FAST_WEBHOOKS, TEST_AUTH
 
     prefix = f"test-queue-{uuid.uuid4().hex[:8]}:"
     store_url = f"redis://127.0.0.1:6379/0#{prefix}"
@@ -58,12 +61,14 @@ def queue_app(request, stack, http, files_dir, test_ca):
         files={"directory": str(files_dir)},
         weights={"cache_dir": str(files_dir.parent / "weights-rq")},
         auth=TEST_AUTH,
+        network=ALLOWED_NETWORK,
+        webhooks=FAST_WEBHOOKS,
         queue={"store_url": store_url, "lease_s": 3.0},
     )
     idle = {"ray_actor_options": {"num_cpus": 0}}  # this app's LCM and FLUX replicas are not used here
     serve.run(assemble(config, {"ray_actor_options": {"num_gpus": 0.5, "num_cpus": 1}}, idle, idle), name="queue-redis", route_prefix="/rq")
     with httpx.Client(base_url=f"{stack}/rq", timeout=120, verify=test_ca.ssl_context(), headers=AUTH_HEADERS) as client:
-        yield QueueApp(client, "queue-redis", store_url)
+        yield QueueApp(client, "queue-redis", store_url, f"{stack}/rq")
     serve.delete("queue-redis")
     server = redis.Redis(host="127.0.0.1", port=6379)
     for key in server.scan_iter(match=f"{prefix}*"):
@@ -88,9 +93,9 @@ def wait_done(http, status_url: str, timeout_polls: int = 600) -> dict:
     raise AssertionError("the job never completed")
 
 
-def test_the_stock_client_subscribes_with_logs_and_gets_the_result(stack, test_ca):
+def test_the_stock_client_subscribes_with_logs_and_gets_the_result(queue_app, test_ca):
     out = run_client(
-        stack,
+        queue_app.base,
         test_ca,
         """
         import json, fal_client
@@ -186,8 +191,10 @@ def test_bad_submits_are_refused_at_once(http):
     response = http.post("/queue/fal-ai/lora", json={"prompt": "a cat"})
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "model_name"]
     assert http.post("/queue/fal-ai/nope", json=SMALL).status_code == 404
-    response = http.post("/queue/fal-ai/lora", params={"fal_webhook": "https://example.com/hook"}, json=SMALL)
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
+    for url, kind in [("not a url", "url_invalid"), ("http://169.254.169.254/latest/meta-data", "url_forbidden"), ("http://localhost:6379/", "url_forbidden")]:
+        response = http.post("/queue/fal-ai/lora", params={"fal_webhook": url}, json=SMALL)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["query", "fal_webhook"] and response.json()["detail"][0]["type"] == kind
     response = http.post("/queue/fal-ai/lora", json=SMALL, headers={"X-Fal-Queue-Priority": "urgent"})
     assert response.status_code == 422
 
@@ -246,6 +253,56 @@ def test_cancelling_a_running_request_stops_it_between_denoising_steps(http):
     waited = time.monotonic() - started
     remaining = (150 - len(logs)) * step_s
     assert waited < remaining / 3, (waited, remaining)  # it did not wait out the cancelled job's steps
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    receiver = WebhookReceiver(IMAGE_HOST).start()
+    yield receiver
+    receiver.stop()
+
+
+def test_the_stock_client_submits_with_a_webhook_and_the_signed_outcome_arrives(queue_app, receiver, test_ca):
+    path = f"/hook/{uuid.uuid4().hex}"
+    out = run_client(
+        queue_app.base,
+        test_ca,
+        f"""
+        import json, fal_client
+        handle = fal_client.submit("fal-ai/lora", arguments={json.dumps({**SMALL, "seed": 5})}, webhook_url={receiver.url(path)!r})
+        print(json.dumps({{"request_id": handle.request_id}}))
+        """,
+    )
+    got = receiver.wait_for(path)
+    assert got.json["request_id"] == out["request_id"] and got.json["gateway_request_id"] == out["request_id"]
+    assert got.json["status"] == "OK" and got.json["error"] is None and got.json["payload"]["seed"] == 5
+    assert got.headers["X-Fal-Webhook-User-Id"] == "test-key-id"  # the key's id, never the key
+    jwks = httpx.get(f"{queue_app.base}/.well-known/jwks.json", verify=test_ca.ssl_context())  # public: no key needed
+    assert jwks.status_code == 200 and verify(got, jwks.json())
+    result = queue_app.http.get(f"/queue/fal-ai/lora/requests/{out['request_id']}")
+    assert result.json() == got.json["payload"]  # what the queue answers, delivered
+
+
+def test_a_webhook_is_tried_again_after_failures_and_failed_jobs_are_announced_too(qhttp, receiver):
+    path = f"/flaky/{uuid.uuid4().hex}"
+    receiver.failures[path] = 2  # HTTP 500 twice, then 200
+    out = qhttp.post("/queue/fal-ai/lora", params={"fal_webhook": receiver.url(path)}, json={**SMALL, "model_name": "/no/such/model"}).json()
+    got = receiver.wait_for(path)
+    assert receiver.tries[path] == 3
+    assert got.json["status"] == "ERROR" and got.json["error"] == "Invalid status code: 422"
+    assert got.json["payload"]["detail"][0]["loc"] == ["body", "model_name"]
+    assert wait_done(qhttp, out["status_url"])["error_type"] == "validation_error"
+
+
+def test_a_slow_webhook_receiver_does_not_hold_up_the_queue(qhttp, receiver):
+    slow = f"/slow/{uuid.uuid4().hex}"
+    receiver.delays[slow] = 6.0  # three times the 2 s the test stack gives a receiver
+    hooked = qhttp.post("/queue/fal-ai/lora", params={"fal_webhook": receiver.url(slow)}, json=SMALL).json()
+    wait_done(qhttp, hooked["status_url"])
+    others = [qhttp.post("/queue/fal-ai/lora", json={**SMALL, "seed": i}).json() for i in range(3)]
+    for other in others:
+        assert wait_done(qhttp, other["status_url"])["status"] == "COMPLETED"
+    assert receiver.tries.get(slow, 0) >= 1 and not receiver.received(slow)  # its receiver is still being waited for
 
 
 def test_jobs_of_a_killed_router_are_run_again_and_none_is_lost(queue_app, qhttp):

@@ -49,6 +49,12 @@ local function complete(p, id, status_code, body, metrics, finished_at)
   redis.call('HSET', job, 'state', 'COMPLETED', 'status_code', status_code, 'result', body, 'metrics', metrics,
              'finished_at', finished_at, 'payload', '', 'lease_owner', '', 'lease_until', '')
   redis.call('ZADD', p .. 'done', finished_at, id)
+  local webhook_url = redis.call('HGET', job, 'webhook_url')
+  if webhook_url and webhook_url ~= '' and not redis.call('HGET', job, 'webhook_state') then
+    -- its delivery, due now, in the same step: no completion goes unannounced
+    redis.call('HSET', job, 'webhook_state', 'pending', 'webhook_attempts', 0)
+    redis.call('ZADD', p .. 'webhooks', finished_at, id)
+  end
 end
 """
 
@@ -171,11 +177,43 @@ return 1
 _PURGE = """
 local p, cutoff = ARGV[1], tonumber(ARGV[2])
 local ids = redis.call('ZRANGEBYSCORE', p .. 'done', '-inf', '(' .. cutoff)
+local purged = 0
 for _, id in ipairs(ids) do
-  redis.call('DEL', p .. 'job:' .. id, p .. 'logs:' .. id)
-  redis.call('ZREM', p .. 'done', id)
+  -- a job whose webhook is still being delivered is kept: the delivery reads its result
+  if redis.call('HGET', p .. 'job:' .. id, 'webhook_state') ~= 'pending' then
+    redis.call('DEL', p .. 'job:' .. id, p .. 'logs:' .. id)
+    redis.call('ZREM', p .. 'done', id)
+    purged = purged + 1
+  end
 end
-return #ids
+return purged
+"""
+
+_CLAIM_WEBHOOK = """
+-- The due set is scored by when a delivery may next be tried: claiming it pushes that to the end
+-- of the lease, so a deliverer that dies leaves it due again then.
+local p, worker, now, lease_s = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local due = redis.call('ZRANGEBYSCORE', p .. 'webhooks', '-inf', now, 'LIMIT', 0, 1)
+if #due == 0 then return false end
+local id = due[1]
+redis.call('ZADD', p .. 'webhooks', now + lease_s, id)
+redis.call('HSET', p .. 'job:' .. id, 'webhook_owner', worker)
+redis.call('HINCRBY', p .. 'job:' .. id, 'webhook_attempts', 1)
+return id
+"""
+
+_WEBHOOK_ATTEMPTED = """
+local p, id, worker, state, error, retry_at = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local job = p .. 'job:' .. id
+local fields = redis.call('HMGET', job, 'webhook_state', 'webhook_owner')
+if fields[1] ~= 'pending' or fields[2] ~= worker then return 0 end
+redis.call('HSET', job, 'webhook_state', state, 'webhook_owner', '', 'webhook_error', error)
+if state == 'pending' then
+  redis.call('ZADD', p .. 'webhooks', tonumber(retry_at), id)
+else
+  redis.call('ZREM', p .. 'webhooks', id)
+end
+return 1
 """
 
 
@@ -211,6 +249,9 @@ def _record(fields: dict[str, str | bytes], logs: list[bytes]) -> JobRecord:
         result=bytes(result) if result is not None and text["state"] == "COMPLETED" else None,
         metrics=json.loads(text.get("metrics") or "{}"),
         logs=[json.loads(entry) for entry in logs],
+        webhook_state=text.get("webhook_state") or None,  # type: ignore[arg-type]
+        webhook_attempts=int(text.get("webhook_attempts") or 0),
+        webhook_error=text.get("webhook_error") or None,
     )
 
 
@@ -223,6 +264,7 @@ class RedisJobStore:
             for name, source in {
                 "submit": _SUBMIT, "claim": _CLAIM, "renew": _RENEW, "finish": _FINISH,
                 "cancel": _CANCEL, "requeue": _REQUEUE, "purge": _PURGE,
+                "claim_webhook": _CLAIM_WEBHOOK, "webhook_attempted": _WEBHOOK_ATTEMPTED,
             }.items()
         }
 
@@ -330,3 +372,17 @@ class RedisJobStore:
         if key_id is not None:
             return int(await self.redis.hget(self._key("running_by_key"), key_id) or 0)
         return sum(int(v) for v in await self.redis.hvals(self._key("running_by_key")))
+
+    async def claim_webhook(self, worker: str, lease_s: float) -> JobRecord | None:
+        request_id = await self._scripts["claim_webhook"](args=[self.prefix, worker, now(), lease_s])
+        return await self.get(request_id.decode()) if request_id else None
+
+    async def webhook_attempted(self, request_id: str, worker: str, delivered: bool, error: str | None, retry_at: float | None) -> bool:
+        state = "delivered" if delivered else ("pending" if retry_at is not None else "failed")
+        args = [self.prefix, request_id, worker, state, error or "", retry_at if retry_at is not None else ""]
+        return bool(await self._scripts["webhook_attempted"](args=args))
+
+    async def shared_value(self, name: str, make: bytes) -> bytes:
+        key = self._key("shared", name)
+        await self.redis.set(key, make, nx=True)
+        return bytes(await self.redis.get(key))

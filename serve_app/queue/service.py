@@ -1,4 +1,5 @@
-"""fal's queue protocol over HTTP: submit, status (and its SSE stream), result, cancel.
+"""fal's queue protocol over HTTP: submit (with an optional webhook), status (and its SSE
+stream), result, cancel.
 
 Bodies, codes and headers as `shared/spec/fal-protocol.md` says and `fal_client` depends on:
 three states only, `queue_position` while queued, the `logs` key once started, absolute URLs
@@ -21,6 +22,8 @@ from serve_app.config import QueueSettings
 from serve_app.errors import FalError, InputError, validation_details, validation_response
 from serve_app.queue.dispatcher import Endpoint, app_of
 from serve_app.queue.store import AdmissionLimits, JobRecord, JobState, JobStore, NewJob, QueueFull
+from serve_app.queue.webhooks import check_webhook_url
+from serve_app.url_guard import NetworkPolicy
 
 STREAM_PING_S = 5.0  # fal's JS client gives up after 15 s of silence
 STREAM_POLL_S = 0.1
@@ -33,10 +36,11 @@ def _urls(base_url: str, app: str, request_id: str) -> dict[str, str]:
 
 
 class QueueService:
-    def __init__(self, store: JobStore, endpoints: dict[str, Endpoint], settings: QueueSettings) -> None:
+    def __init__(self, store: JobStore, endpoints: dict[str, Endpoint], settings: QueueSettings, network: NetworkPolicy) -> None:
         self.store = store
         self.endpoints = endpoints
         self.settings = settings
+        self.network = network  # where webhook URLs may point
         self.limits = AdmissionLimits(settings.max_queued, settings.max_queued_per_key)
 
     async def submit(self, endpoint_id: str, raw: bytes, headers: Mapping[str, str], query: Mapping[str, str], caller: Caller, base_url: str) -> JSONResponse:
@@ -47,8 +51,9 @@ class QueueService:
             body = endpoint.schema.model_validate_json(raw or b"null")
         except ValidationError as exc:
             return validation_response(validation_details(exc))
-        if query.get("fal_webhook"):
-            raise InputError(["query", "fal_webhook"], "webhooks are not delivered by this server yet; poll the status URL instead", "not_supported")
+        webhook_url = query.get("fal_webhook")
+        if webhook_url is not None:
+            webhook_url = await check_webhook_url(webhook_url, self.network)
         priority = (headers.get("x-fal-queue-priority") or "normal").lower()
         if priority not in ("normal", "low"):
             raise InputError(["header", "x-fal-queue-priority"], "must be 'normal' or 'low'", "value_error")
@@ -66,6 +71,7 @@ class QueueService:
             key_id=caller.key_id,
             base_url=base_url,
             priority=priority,  # type: ignore[arg-type]
+            webhook_url=webhook_url,
             no_retry=(headers.get("x-fal-no-retry") or "").lower() in TRUE,
             start_timeout_s=start_timeout,
             runner_hint=headers.get("x-fal-runner-hint"),

@@ -64,13 +64,23 @@ CREATE TABLE IF NOT EXISTS job_logs (
     entry TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_logs_request ON job_logs (request_id, id);
+CREATE TABLE IF NOT EXISTS webhooks (
+    request_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,           -- pending | delivered | failed
+    due_at REAL NOT NULL,          -- next attempt, or the end of the running attempt's lease
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, due_at);
+CREATE TABLE IF NOT EXISTS shared_values (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 
 # How many queued jobs a claim looks past when the first ones' keys are at their running limit.
 CLAIM_WINDOW = 256
 
 
-def _record(row: sqlite3.Row, logs: list[dict[str, Any]] | None = None) -> JobRecord:
+def _record(row: sqlite3.Row, logs: list[dict[str, Any]] | None = None, webhook: sqlite3.Row | None = None) -> JobRecord:
     return JobRecord(
         request_id=row["request_id"],
         app=row["app"],
@@ -96,6 +106,18 @@ def _record(row: sqlite3.Row, logs: list[dict[str, Any]] | None = None) -> JobRe
         result=bytes(row["result"]) if row["result"] is not None else None,
         metrics=json.loads(row["metrics"]),
         logs=logs or [],
+        webhook_state=webhook["state"] if webhook else None,
+        webhook_attempts=webhook["attempts"] if webhook else 0,
+        webhook_error=webhook["error"] if webhook else None,
+    )
+
+
+def _announce(db: sqlite3.Connection, request_id: str, at: float) -> None:
+    """A just-completed job with a webhook URL gets its delivery, in the same transaction."""
+    db.execute(
+        "INSERT OR IGNORE INTO webhooks (request_id, state, due_at) SELECT request_id, 'pending', ? FROM jobs"
+        " WHERE request_id = ? AND webhook_url IS NOT NULL",
+        (at, request_id),
     )
 
 
@@ -175,7 +197,8 @@ class SqliteJobStore:
         if row is None or (app is not None and row["app"] != app):
             return None
         logs = [json.loads(entry) for (entry,) in db.execute("SELECT entry FROM job_logs WHERE request_id = ? ORDER BY id", (request_id,))]
-        return _record(row, logs)
+        webhook = db.execute("SELECT state, attempts, error FROM webhooks WHERE request_id = ?", (request_id,)).fetchone()
+        return _record(row, logs, webhook)
 
     async def get(self, request_id: str, app: str | None = None) -> JobRecord | None:
         return await self._run(self._get, request_id, app)
@@ -238,17 +261,21 @@ class SqliteJobStore:
         await self._run(lambda: self._conn().execute("INSERT INTO job_logs (request_id, entry) VALUES (?, ?)", (request_id, json.dumps(entry))))
 
     async def finish(self, request_id: str, worker: str | None, outcome: Outcome) -> bool:
-        def finish() -> bool:
+        def finish(db: sqlite3.Connection) -> bool:
             owner = "lease_owner = ? AND state = 'IN_PROGRESS'" if worker is not None else "state != 'COMPLETED'"
             args: tuple = (worker,) if worker is not None else ()
-            cursor = self._conn().execute(
+            finished = now()
+            cursor = db.execute(
                 "UPDATE jobs SET state = 'COMPLETED', status_code = ?, result = ?, metrics = ?, finished_at = ?, lease_owner = NULL,"
                 f" lease_until = NULL, payload = x'' WHERE request_id = ? AND {owner}",
-                (outcome.status_code, outcome.body, json.dumps(outcome.metrics), now(), request_id, *args),
+                (outcome.status_code, outcome.body, json.dumps(outcome.metrics), finished, request_id, *args),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            _announce(db, request_id, finished)
+            return True
 
-        return await self._run(finish)
+        return await self._run(self._transaction, finish)
 
     async def cancel(self, request_id: str, app: str | None = None) -> CancelResult:
         def cancel(db: sqlite3.Connection) -> CancelResult:
@@ -260,10 +287,12 @@ class SqliteJobStore:
             if row["state"] == "IN_PROGRESS":
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE request_id = ?", (request_id,))
                 return "requested"
+            finished = now()
             db.execute(
                 "UPDATE jobs SET state = 'COMPLETED', status_code = ?, result = ?, finished_at = ?, payload = x'' WHERE request_id = ?",
-                (CANCELLED.status_code, CANCELLED.body, now(), request_id),
+                (CANCELLED.status_code, CANCELLED.body, finished, request_id),
             )
+            _announce(db, request_id, finished)
             return "cancelled"
 
         return await self._run(self._transaction, cancel)
@@ -316,10 +345,11 @@ class SqliteJobStore:
     async def purge(self, older_than_s: float) -> int:
         def purge(db: sqlite3.Connection) -> int:
             cutoff = now() - older_than_s
-            db.execute(
-                "DELETE FROM job_logs WHERE request_id IN (SELECT request_id FROM jobs WHERE state = 'COMPLETED' AND finished_at < ?)", (cutoff,)
-            )
-            return db.execute("DELETE FROM jobs WHERE state = 'COMPLETED' AND finished_at < ?", (cutoff,)).rowcount
+            # A job whose webhook is still being delivered is kept: the delivery reads its result.
+            done = "state = 'COMPLETED' AND finished_at < ? AND request_id NOT IN (SELECT request_id FROM webhooks WHERE state = 'pending')"
+            for table in ("job_logs", "webhooks"):
+                db.execute(f"DELETE FROM {table} WHERE request_id IN (SELECT request_id FROM jobs WHERE {done})", (cutoff,))
+            return db.execute(f"DELETE FROM jobs WHERE {done}", (cutoff,)).rowcount
 
         return await self._run(self._transaction, purge)
 
@@ -338,3 +368,40 @@ class SqliteJobStore:
             return self._conn().execute("SELECT COUNT(*) FROM jobs WHERE state = 'IN_PROGRESS' AND key_id = ?", (key_id,)).fetchone()[0]
 
         return await self._run(running)
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    async def claim_webhook(self, worker: str, lease_s: float) -> JobRecord | None:
+        def claim(db: sqlite3.Connection) -> str | None:
+            moment = now()
+            row = db.execute(
+                "SELECT request_id FROM webhooks WHERE state = 'pending' AND due_at <= ? ORDER BY due_at LIMIT 1", (moment,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE webhooks SET due_at = ?, owner = ?, attempts = attempts + 1 WHERE request_id = ?", (moment + lease_s, worker, row[0])
+            )
+            return row[0]
+
+        request_id = await self._run(self._transaction, claim)
+        return await self.get(request_id) if request_id else None
+
+    async def webhook_attempted(self, request_id: str, worker: str, delivered: bool, error: str | None, retry_at: float | None) -> bool:
+        state = "delivered" if delivered else ("pending" if retry_at is not None else "failed")
+
+        def attempted() -> bool:
+            cursor = self._conn().execute(
+                "UPDATE webhooks SET state = ?, due_at = ?, owner = NULL, error = ? WHERE request_id = ? AND owner = ? AND state = 'pending'",
+                (state, retry_at if retry_at is not None else now(), error, request_id, worker),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(attempted)
+
+    async def shared_value(self, name: str, make: bytes) -> bytes:
+        def shared(db: sqlite3.Connection) -> bytes:
+            db.execute("INSERT OR IGNORE INTO shared_values (name, value) VALUES (?, ?)", (name, make))
+            return bytes(db.execute("SELECT value FROM shared_values WHERE name = ?", (name,)).fetchone()[0])
+
+        return await self._run(self._transaction, shared)

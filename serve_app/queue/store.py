@@ -9,6 +9,11 @@ at the head of its priority with a new `gateway_request_id`, unless it asked not
 or has run `max_attempts` times. Only the lease holder's result counts,
 so a worker that lost its lease cannot overwrite the retry's.
 
+A job submitted with a webhook URL gets a delivery when it completes, in the same atomic step
+(so no completion goes unannounced, whatever crashes after). Deliveries are claimed with a lease
+like jobs; a failed attempt is due again later; the job is not purged while its delivery is
+pending.
+
 Stores implement `JobStore`; the same tests run against each (tests/test_job_store.py).
 """
 
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 Priority = Literal["normal", "low"]
+WebhookState = Literal["pending", "delivered", "failed"]
 PRIORITY_RANK: dict[str, int] = {"normal": 0, "low": 1}
 
 
@@ -87,6 +93,9 @@ class JobRecord:
     result: bytes | None = None  # the response body (JSON)
     metrics: dict[str, Any] = field(default_factory=dict)
     logs: list[dict[str, Any]] = field(default_factory=list)
+    webhook_state: WebhookState | None = None  # once completed with a webhook URL
+    webhook_attempts: int = 0
+    webhook_error: str | None = None  # why the last attempt failed
 
 
 @dataclass(frozen=True)
@@ -161,5 +170,17 @@ class JobStore(Protocol):
         """Queued jobs (of one app), for autoscaling."""
 
     async def running(self, key_id: str | None = None) -> int: ...
+
+    async def claim_webhook(self, worker: str, lease_s: float) -> JobRecord | None:
+        """The completed job whose pending webhook delivery is due first (its attempt counted),
+        leased to `worker`: if that worker dies, the delivery is due again when the lease ends."""
+
+    async def webhook_attempted(self, request_id: str, worker: str, delivered: bool, error: str | None, retry_at: float | None) -> bool:
+        """Record an attempt: delivered, failed for good (`retry_at` None), or due again at
+        `retry_at`. False when `worker` no longer held the delivery."""
+
+    async def shared_value(self, name: str, make: bytes) -> bytes:
+        """The value stored under `name`, storing `make` first if there is none: what every
+        router sharing this store must agree on (the webhook signing key)."""
 
     async def close(self) -> None: ...
