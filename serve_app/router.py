@@ -25,6 +25,7 @@ from serve_app.files import InputFiles, LocalFileStore, make_output_store
 from serve_app.queue import open_store
 from serve_app.queue.dispatcher import Dispatcher, Endpoint, app_of
 from serve_app.queue.service import QueueService
+from serve_app.queue.sync_admission import SyncRunLimit
 from serve_app.queue.webhooks import Deliverer, SigningKeys
 from serve_app.realtime import BadFrame, RealtimeSession, max_buffering_of
 from serve_app.schemas.auth import TokenRequest
@@ -90,14 +91,16 @@ class RequestIdMiddleware:
 
 
 class AuthMiddleware:
-    """Every HTTP route but the public ones needs a key (or runs in open mode), within its rate.
+    """Every HTTP route but the public ones needs a key (or runs in open mode), within its rate;
+    synchronous runs also within the key's running limit (the queue's, see sync_admission.py).
 
-    The replica's `Authenticator` sits on the app's state (set by `Router.__init__`); the caller
-    lands on the request's state. Realtime sockets authenticate in their route, where an error
-    frame can say why."""
+    The replica's `Authenticator` and `SyncRunLimit` sit on the app's state (set by
+    `Router.__init__`); the caller lands on the request's state. Realtime sockets authenticate in
+    their route, where an error frame can say why."""
 
     PUBLIC = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
     PUBLIC_PREFIXES = ("/files/", "/.well-known/")
+    SYNC_RUN_PREFIX = "/fal-ai/"  # POSTs here run a model while the client waits
 
     def __init__(self, app) -> None:
         self.app = app
@@ -119,7 +122,19 @@ class AuthMiddleware:
             await fal_error_response(exc)(scope, receive, send)
             return
         scope.setdefault("state", {})["caller"] = caller
-        await self.app(scope, receive, send)
+        if not (scope.get("method") == "POST" and path.startswith(self.SYNC_RUN_PREFIX)):
+            await self.app(scope, receive, send)
+            return
+        sync_runs: SyncRunLimit = scope["app"].state.sync_runs
+        try:
+            await sync_runs.enter(caller)
+        except FalError as exc:
+            await fal_error_response(exc)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            sync_runs.leave(caller)
 
 
 api.add_middleware(AuthMiddleware)
@@ -159,6 +174,7 @@ class Router:
         endpoints = self._queued_endpoints()
         self.jobs = open_store(self.config.queue.store_url)
         self.queue = QueueService(self.jobs, endpoints, self.config.queue, self.config.network)
+        api.state.sync_runs = SyncRunLimit(self.jobs, self.config.queue.max_running_per_key)
         worker = serve.get_replica_context().replica_id.unique_id
         self.dispatcher = Dispatcher(self.jobs, endpoints, self.config.queue, worker)
         self.dispatcher.start()

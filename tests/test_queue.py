@@ -234,6 +234,42 @@ def test_result_before_completion_is_400(qhttp):
     wait_done(qhttp, last["status_url"])
 
 
+def test_queue_positions_under_load_count_down_in_fifo_order_with_low_priority_behind(http):
+    """More jobs than the router's 16 dispatch slots: the rest wait with exact positions. Each sweep
+    reads the statuses in reverse of the expected start order, so that in a FIFO queue what it sees
+    is consistent even though jobs start while it reads: the waiting jobs are a tail of that order,
+    their positions 0, 1, 2... rise along it, and no job's position ever goes up."""
+    job = {**SMALL, "image_size": {"width": 256, "height": 256}}  # five step counts: a job batches only with its like
+
+    def submit(i: int, priority: str) -> dict:
+        return http.post("/queue/fal-ai/lora", json={**job, "num_inference_steps": 12 + i % 5, "seed": i}, headers={"X-Fal-Queue-Priority": priority}).json()
+
+    normal = [submit(i, "normal") for i in range(20)]
+    low = [submit(20 + i, "low") for i in range(4)]  # submitted before the last normal ones, run after them
+    late_normal = [submit(24 + i, "normal") for i in range(4)]
+    expected_order = normal + late_normal + low
+
+    sweeps, last_position = [], {}
+    while True:
+        sweep = {}
+        for index in reversed(range(len(expected_order))):
+            status = http.get(expected_order[index]["status_url"]).json()
+            sweep[index] = status.get("queue_position") if status["status"] == "IN_QUEUE" else status["status"]
+        sweeps.append(sweep)
+        if all(state == "COMPLETED" for state in sweep.values()):
+            break
+        waiting = [index for index in range(len(expected_order)) if isinstance(sweep[index], int)]
+        assert waiting == list(range(len(expected_order) - len(waiting), len(expected_order))), sweep  # a tail of the order
+        positions = [sweep[index] for index in waiting]
+        assert positions == sorted(set(positions)), sweep
+        for index in waiting:
+            assert sweep[index] <= last_position.get(index, sweep[index]), (index, sweeps[-2:])
+            last_position[index] = sweep[index]
+        time.sleep(0.02)
+    assert max(sum(isinstance(state, int) for state in sweep.values()) for sweep in sweeps) >= 8  # the load did queue jobs
+    assert any(isinstance(sweep[len(expected_order) - 1], int) and sweep[len(expected_order) - 1] >= 4 for sweep in sweeps)  # lows waited behind normals
+
+
 def test_cancelling_a_running_request_stops_it_between_denoising_steps(http):
     """The replica skips the remaining steps of a call whose callers all went away, so the next
     request does not wait for them (one StableDiffusion replica serves both)."""
