@@ -152,6 +152,35 @@ def test_the_stock_async_client_subscribes(stack, test_ca):
     assert out == {"seed": 4, "steps": 4}
 
 
+def test_the_stock_client_cancels_and_its_start_timeout_ends_a_job_that_waited_too_long(stack, test_ca):
+    """Behind a backlog (more jobs than the router's dispatch slots), `handle.cancel()` ends a
+    queued job with 499, and `submit(start_timeout=...)` one that is not started in time with 504
+    `request_timeout`: what the stock client raises is what fal's would."""
+    out = run_client(
+        stack,
+        test_ca,
+        """
+        import json, fal_client
+        job = {"model_name": "runwayml/stable-diffusion-v1-5", "prompt": "a cat", "image_size": {"width": 256, "height": 256}}
+        backlog = [fal_client.submit("fal-ai/lora", arguments={**job, "num_inference_steps": 20 + i % 5, "seed": i}) for i in range(24)]
+        timed = fal_client.submit("fal-ai/lora", arguments={**job, "num_inference_steps": 4}, start_timeout=1.5)
+        cancelled = fal_client.submit("fal-ai/lora", arguments={**job, "num_inference_steps": 4})
+        cancelled.cancel()
+        outcomes = {}
+        for name, handle in (("timed", timed), ("cancelled", cancelled)):
+            try:
+                handle.get()
+                outcomes[name] = "ran"
+            except fal_client.client.FalClientHTTPError as error:
+                outcomes[name] = [error.status_code, error.error_type]
+        outcomes["backlog"] = sorted(handle.get()["seed"] for handle in backlog)
+        print(json.dumps(outcomes))
+        """,
+    )
+    assert out["timed"] == [504, "request_timeout"] and out["cancelled"] == [499, "client_cancelled"]
+    assert out["backlog"] == list(range(24))  # the backlog itself ran
+
+
 def test_submit_answers_fals_fields_with_absolute_urls(qhttp):
     response = qhttp.post("/queue/fal-ai/lora", json=SMALL)
     assert response.status_code == 200, response.text
