@@ -16,6 +16,7 @@ from serve_app.errors import FalError, InputError
 from serve_app.queue.dispatcher import Dispatcher, Endpoint
 from serve_app.queue.sqlite_store import SqliteJobStore
 from serve_app.queue.store import JobState, NewJob
+from tests.private_redis import PrivateRedis, needs_redis_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -210,3 +211,33 @@ async def test_jobs_queued_while_no_dispatcher_ran_are_all_served_in_order(world
     records = [await completed(store, request_id) for request_id in ids]
     assert all(r.status_code == 200 for r in records)
     assert [r.request_id for r in sorted(records, key=lambda r: r.started_at)] == ids  # FIFO
+
+
+@needs_redis_server
+async def test_every_job_ends_when_redis_is_killed_and_restarted_under_running_jobs(tmp_path):
+    """A private Redis (append-only file on) dies with SIGKILL while jobs run and while more wait,
+    and comes back a second later: renewals, claims and final writes that failed meanwhile are
+    tried again, no dispatcher slot dies, and every job ends with its output."""
+    from serve_app.queue.redis_store import RedisJobStore
+
+    server = PrivateRedis(tmp_path).start()
+    store = RedisJobStore(server.url)
+    stand_in = StandIn()
+    dispatcher = Dispatcher(store, {"test/app": Endpoint(Body, stand_in.run)}, settings(lease_s=1.0, dispatch_slots=2), "router-1")
+    try:
+        held = [await submit(store, hold=True) for _ in range(2)]  # both slots busy
+        waiting = [await submit(store, steps=2) for _ in range(3)]
+        dispatcher.start()
+        await asyncio.wait_for(stand_in.started.wait(), 5)
+        await asyncio.sleep(0.2)
+        server.kill()
+        stand_in.release.set()  # the held jobs end while Redis is down: their outcomes must wait
+        await asyncio.sleep(1.0)
+        server.start()
+        later = [await submit(store, steps=1) for _ in range(2)]  # both slots still serve
+        records = [await completed(store, request_id, timeout=30) for request_id in held + waiting + later]
+        assert [r.status_code for r in records] == [200] * 7, [(r.status_code, r.result) for r in records]
+    finally:
+        await dispatcher.stop()
+        await store.close()
+        server.kill()

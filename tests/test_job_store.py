@@ -9,8 +9,6 @@ webhook deliveries (created with the completion, leased, retried, kept from purg
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
 
@@ -18,6 +16,7 @@ import pytest
 import pytest_asyncio
 
 from serve_app.queue.store import CANCELLED, AdmissionLimits, JobState, NewJob, Outcome, QueueFull
+from tests.private_redis import PrivateRedis, needs_redis_server
 
 
 def redis_answers() -> bool:
@@ -347,42 +346,24 @@ async def test_the_store_is_chosen_by_url(tmp_path):
         open_store("postgres://localhost/jobs")
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary to start a private Redis")
+@needs_redis_server
 async def test_a_redis_killed_and_restarted_with_its_append_only_file_keeps_every_job(tmp_path):
     """A private Redis (AOF on, fsync always) is killed with SIGKILL mid-queue and started again:
     queued, running and completed jobs, their order and their logs are all still there."""
-    import redis
-
     from serve_app.queue.redis_store import RedisJobStore
-    from tests.conftest import free_port
 
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-               "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-
-    def start() -> subprocess.Popen:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                if redis.Redis(host="127.0.0.1", port=port).ping():
-                    return process
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    server = start()
+    server = PrivateRedis(tmp_path).start()
     try:
-        store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+        store = RedisJobStore(server.url)
         done, running, first, second = [await store.submit(job()) for _ in range(4)]
         await store.claim("w", 30)
         await store.finish(done.request_id, "w", Outcome(200, b'{"images": []}'))
         await store.claim("w", 30)
         await store.append_log(running.request_id, {"message": "step 1/4"})
         await store.close()
-        server.kill()  # SIGKILL: no shutdown save, only the append-only file
-        server.wait()
-        server = start()
-        store = RedisJobStore(f"redis://127.0.0.1:{port}/0")
+        server.kill()
+        server.start()
+        store = RedisJobStore(server.url)
         assert (await store.get(done.request_id)).result == b'{"images": []}'
         assert (await store.get(running.request_id)).logs == [{"message": "step 1/4"}]
         assert [await store.position(r.request_id) for r in (first, second)] == [0, 1]
@@ -390,4 +371,3 @@ async def test_a_redis_killed_and_restarted_with_its_append_only_file_keeps_ever
         await store.close()
     finally:
         server.kill()
-        server.wait()

@@ -6,6 +6,11 @@ its lease while it runs, stops it when a cancel is asked for, and writes the out
 write that ends a job. A job whose model replica died is given back to the queue (up to `max_attempts` runs). A
 housekeeping loop requeues jobs whose router died (their leases ran out),
 ends jobs that waited past their start timeout (504), and purges old results.
+
+The store may go away for a while (a Redis restart): claims and renewals are tried again on the
+next round, a job's final write is retried for `STORE_WRITE_PATIENCE_S`, and a progress line that
+cannot be written is skipped; no slot ever dies of it. A job whose final write never lands is not
+lost: its lease runs out and it runs again.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ logger = logging.getLogger("diffusion_serve.queue")
 
 HOUSEKEEPING_INTERVAL_S = 1.0
 PURGE_INTERVAL_S = 60.0
+STORE_WRITE_PATIENCE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,10 @@ class Dispatcher:
             if job is None:
                 await asyncio.sleep(self.settings.poll_interval_s)
                 continue
-            await self._execute(job)
+            try:
+                await self._execute(job)
+            except Exception:  # noqa: BLE001 - the job's lease runs out and it runs again
+                logger.exception("dispatcher %s slot %d: request %s could not be ended", self.worker, index, job.request_id)
 
     async def _execute(self, job: JobRecord) -> None:
         """Run one claimed job to its outcome, keeping its lease and watching for a cancel."""
@@ -122,9 +131,25 @@ class Dispatcher:
             outcome = running.result()
         if self._retry(job, outcome):
             logger.warning("request %s: its model replica went away; queued again (attempt %d next)", job.request_id, job.attempts + 1)
-            await self.store.release(job.request_id, self.worker)
+            await self._patiently(f"giving request {job.request_id} back", lambda: self.store.release(job.request_id, self.worker))
             return
-        await self.store.finish(job.request_id, self.worker, outcome)
+        await self._patiently(f"writing the outcome of request {job.request_id}", lambda: self.store.finish(job.request_id, self.worker, outcome))
+
+    @staticmethod
+    async def _patiently(what: str, write: Callable[[], Awaitable[Any]]) -> None:
+        """A job's final write, tried again with growing waits while the store is away."""
+        loop = asyncio.get_running_loop()
+        deadline, wait = loop.time() + STORE_WRITE_PATIENCE_S, 0.1
+        while True:
+            try:
+                await write()
+                return
+            except Exception:  # noqa: BLE001
+                if loop.time() + wait > deadline:
+                    raise
+                logger.warning("%s failed; the job store may be restarting, trying again in %.1f s", what, wait, exc_info=True)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 2.0)
 
     def _retry(self, job: JobRecord, outcome: Outcome) -> bool:
         """A model replica that died under a job is the cluster's fault, not the request's: run it
@@ -137,7 +162,10 @@ class Dispatcher:
         endpoint = self.endpoints[job.endpoint]
 
         async def progress(step: int, total: int) -> None:
-            await self.store.append_log(job.request_id, log_entry(f"step {step}/{total}"))
+            try:
+                await self.store.append_log(job.request_id, log_entry(f"step {step}/{total}"))
+            except Exception:  # noqa: BLE001 - a lost progress line must not fail the job
+                logger.warning("request %s: progress line %d/%d not written (job store away)", job.request_id, step, total)
 
         try:
             body = endpoint.schema.model_validate_json(job.payload)
