@@ -10,6 +10,7 @@ real annotations on the route methods.)
 
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -22,6 +23,7 @@ from serve_app.auth import Authenticator
 from serve_app.config import AppConfig
 from serve_app.errors import FalError, InputError, fal_error_response, install_error_handlers
 from serve_app.files import InputFiles, LocalFileStore, make_output_store
+from serve_app.metrics import metrics, outcome_of
 from serve_app.queue import open_store
 from serve_app.queue.dispatcher import Dispatcher, Endpoint, app_of
 from serve_app.queue.service import QueueService
@@ -137,7 +139,52 @@ class AuthMiddleware:
             sync_runs.leave(caller)
 
 
+class RequestMetricsMiddleware:
+    """Sync runs (`POST /fal-ai/...`) and refused queue submits, by endpoint and outcome, with
+    their latency (a stream's until its last event). Accepted queued jobs are counted when they
+    end, by the dispatcher."""
+
+    SYNC_ENDPOINTS = frozenset({
+        "fal-ai/lora", "fal-ai/lora/image-to-image", "fal-ai/lora/inpaint", "fal-ai/lcm",
+        "fal-ai/flux-lora", "fal-ai/flux-lora/image-to-image", "fal-ai/flux-lora/inpainting", "fal-ai/flux-lora/stream",
+    })
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if scope["type"] != "http" or scope.get("method") != "POST" or not path.startswith(("/fal-ai/", "/queue/")):
+            await self.app(scope, receive, send)
+            return
+        mode = "queue" if path.startswith("/queue/") else "sync"
+        endpoint = path.split("/", 2)[2] if mode == "queue" else path[1:]
+        endpoint = endpoint if endpoint in self.SYNC_ENDPOINTS else "unknown"
+        status = 500
+        started = time.perf_counter()
+
+        async def send_recording(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            m = metrics()
+            if mode == "sync":
+                m.requests.inc(tags={"endpoint": endpoint, "mode": mode, "outcome": outcome_of(status)})
+                m.request_seconds.observe(time.perf_counter() - started, tags={"endpoint": endpoint, "mode": mode})
+            elif status != 200:  # a refused submit: never a job
+                m.requests.inc(tags={"endpoint": endpoint, "mode": mode, "outcome": outcome_of(status)})
+
+
 api.add_middleware(AuthMiddleware)
+api.add_middleware(RequestMetricsMiddleware)  # outside auth: refusals are counted too
 api.add_middleware(RequestIdMiddleware)  # outermost: refusals carry a request id too
 
 
@@ -192,14 +239,17 @@ class Router:
         def flux(mode):
             return lambda body, base_url, request_id, progress: self.flux.run(mode, body, base_url, request_id, progress)
 
+        sd, lcm, fx = (service.model.deployment_name for service in (self.lora, self.lcm, self.flux))
         return {
-            "fal-ai/lora": Endpoint(LoraTextToImageInput, lora("text-to-image")),
-            "fal-ai/lora/image-to-image": Endpoint(LoraImageToImageInput, lora("image-to-image")),
-            "fal-ai/lora/inpaint": Endpoint(LoraInpaintInput, lora("inpaint")),
-            "fal-ai/lcm": Endpoint(LcmInput, lambda body, base_url, request_id, progress: self.lcm.run(body, base_url, request_id, progress=progress)),
-            "fal-ai/flux-lora": Endpoint(FluxTextToImageInput, flux("text-to-image")),
-            "fal-ai/flux-lora/image-to-image": Endpoint(FluxImageToImageInput, flux("image-to-image")),
-            "fal-ai/flux-lora/inpainting": Endpoint(FluxInpaintInput, flux("inpaint")),
+            "fal-ai/lora": Endpoint(LoraTextToImageInput, lora("text-to-image"), sd),
+            "fal-ai/lora/image-to-image": Endpoint(LoraImageToImageInput, lora("image-to-image"), sd),
+            "fal-ai/lora/inpaint": Endpoint(LoraInpaintInput, lora("inpaint"), sd),
+            "fal-ai/lcm": Endpoint(
+                LcmInput, lambda body, base_url, request_id, progress: self.lcm.run(body, base_url, request_id, progress=progress), lcm
+            ),
+            "fal-ai/flux-lora": Endpoint(FluxTextToImageInput, flux("text-to-image"), fx),
+            "fal-ai/flux-lora/image-to-image": Endpoint(FluxImageToImageInput, flux("image-to-image"), fx),
+            "fal-ai/flux-lora/inpainting": Endpoint(FluxInpaintInput, flux("inpaint"), fx),
         }
 
     @api.post("/fal-ai/lora", response_model=LoraOutput, responses=VALIDATION_RESPONSE, tags=["fal-ai/lora"])
@@ -242,7 +292,20 @@ class Router:
         base_url = str(websocket.base_url).replace("ws", "http", 1).rstrip("/")
 
         async def serve_frame(body: LcmInput, request_id: str) -> tuple[dict[str, Any], float]:
-            run = await self.lcm.run(body, base_url, request_id, sync_mode=True)
+            started, outcome = time.perf_counter(), "error"
+            try:
+                run = await self.lcm.run(body, base_url, request_id, sync_mode=True)
+                outcome = "ok"
+            except InputError:
+                outcome = "invalid"
+                raise
+            except FalError as exc:
+                outcome = outcome_of(exc.status_code)
+                raise
+            finally:
+                tags = {"endpoint": "fal-ai/lcm/realtime", "mode": "realtime"}
+                metrics().requests.inc(tags={**tags, "outcome": outcome})
+                metrics().request_seconds.observe(time.perf_counter() - started, tags=tags)
             return run.output.model_dump(mode="json"), run.result.inference_time_s
 
         await RealtimeSession(websocket, LcmInput, serve_frame, max_buffering, self.config.realtime.idle_timeout_s).run()

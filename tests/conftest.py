@@ -165,11 +165,15 @@ AUTH_HEADERS = {"Authorization": f"Key {TEST_KEY}"}
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster() -> Iterator[str]:
+    """The session's Ray cluster; yields the URL where its metrics agent serves Prometheus text
+    (every process's metrics, reported each second)."""
     import ray
 
-    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False)
-    yield
+    port = free_port()
+    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    yield f"http://127.0.0.1:{port}/metrics"
     ray.shutdown()
 
 

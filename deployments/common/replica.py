@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
 
+import psutil
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -31,6 +33,7 @@ from deployments.common.model_sources import ModelRegistry
 from deployments.common.safety import SafetyChecker
 from deployments.common.weights_cache import LocalWeights, WeightsCache, WeightsProvider, content_name
 from serve_app.config import AppConfig
+from serve_app.metrics import metrics
 
 logger = logging.getLogger("diffusion_serve.replica")
 
@@ -88,8 +91,13 @@ class ModelReplica(Generic[Model, Adapters]):
         self.batcher: KeyedBatcher[tuple[Model, ImageJob, Adapters], JobResult] = KeyedBatcher(self._run_batch, limits, executor=self.torch_thread)
 
         async def load(model_key: str) -> Model:
+            started = time.perf_counter()
             resolved = await self.resolve_model(ModelRef.from_key(model_key))
-            return await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.load_model, resolved)
+            model = await asyncio.get_running_loop().run_in_executor(self.torch_thread, self.load_model, resolved)
+            metrics().model_loads.inc()
+            metrics().model_load_seconds.observe(time.perf_counter() - started)
+            self._record_device_memory()
+            return model
 
         # What stays in memory: base models, LRU.
         self.models: ModelCache[Model] = ModelCache(self.config.max_models_per_replica, load, self._free_device_memory)
@@ -132,7 +140,23 @@ class ModelReplica(Generic[Model, Adapters]):
         if self.device.type == "cpu" and self.config.device.cpu_threads:
             torch.set_num_threads(self.config.device.cpu_threads)  # per thread under OpenMP
 
+    def _record_device_memory(self) -> None:
+        if self.device.type == "cuda":
+            used = torch.cuda.memory_allocated(self.device)
+        else:
+            used = psutil.Process().memory_info().rss
+        metrics().device_memory_bytes.set(used, tags={"device": str(self.device)})
+
     def _run_batch(self, items: list[tuple[Model, ImageJob, Adapters, Progress | None, threading.Event]]) -> list[JobResult]:
+        started = time.perf_counter()
+        results = self._run_batch_calls(items)
+        metrics().inference_seconds.observe(time.perf_counter() - started)
+        metrics().batch_size.observe(len(items))
+        metrics().images.inc(sum(item[1].num_images for item in items))
+        self._record_device_memory()
+        return results
+
+    def _run_batch_calls(self, items: list[tuple[Model, ImageJob, Adapters, Progress | None, threading.Event]]) -> list[JobResult]:
         model = items[0][0]
         results: list[JobResult] = []
         for run in split_by_lora_budget(items, self.lora_capacity(model)):
@@ -165,6 +189,7 @@ class ModelReplica(Generic[Model, Adapters]):
 
     async def _submit(self, job: ImageJob, progress: Progress | None) -> JobResult:
         await self.get_routing_key(serve.get_multiplexed_model_id() or job.routing_key())
+        metrics().multiplex_lookups.inc(tags={"result": "hit" if job.model.key() in self.models else "miss"})
         model = await self.models.get(job.model.key())
         adapters = await self.resolve_adapters(job)
         # Adapters join the batch key by content (and scale/tokens), not by how they were spelled.

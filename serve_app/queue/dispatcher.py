@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from serve_app.config import QueueSettings
 from serve_app.errors import FalError, InputError, validation_details
+from serve_app.metrics import metrics, outcome_of
 from serve_app.queue.store import CANCELLED, JobRecord, JobStore, Outcome
 from serve_app.services.dispatch import Progress, Run
 
@@ -45,6 +47,7 @@ class Endpoint:
 
     schema: type[BaseModel]
     run: Callable[[Any, str, str, Progress | None], Awaitable[Run]]
+    deployment: str = ""  # the model deployment that serves it (metrics and autoscaling)
 
 
 def app_of(endpoint_id: str) -> str:
@@ -66,6 +69,14 @@ def error_outcome(exc: BaseException, request_id: str) -> Outcome:
         return Outcome(exc.status_code, json.dumps(exc.body()).encode())
     logger.error("queued request %s failed", request_id, exc_info=exc)
     return Outcome(500, json.dumps({"detail": f"internal error (request id {request_id})", "error_type": "internal_error"}).encode())
+
+
+def record_outcome(job: JobRecord, outcome: Outcome) -> None:
+    """A queued job's end, in the request metrics (latency from its submit)."""
+    tags = {"endpoint": job.endpoint, "mode": "queue"}
+    metrics().requests.inc(tags={**tags, "outcome": outcome_of(outcome.status_code)})
+    if job.created_at:
+        metrics().request_seconds.observe(max(0.0, time.time() - job.created_at), tags=tags)
 
 
 class Dispatcher:
@@ -106,6 +117,8 @@ class Dispatcher:
 
     async def _execute(self, job: JobRecord) -> None:
         """Run one claimed job to its outcome, keeping its lease and watching for a cancel."""
+        if job.started_at and job.attempts == 1:
+            metrics().queue_wait_seconds.observe(max(0.0, job.started_at - job.created_at), tags={"endpoint": job.endpoint})
         running = asyncio.ensure_future(self._outcome(job))
         cancelled = False
         while not running.done():
@@ -134,6 +147,7 @@ class Dispatcher:
             await self._patiently(f"giving request {job.request_id} back", lambda: self.store.release(job.request_id, self.worker))
             return
         await self._patiently(f"writing the outcome of request {job.request_id}", lambda: self.store.finish(job.request_id, self.worker, outcome))
+        record_outcome(job, outcome)
 
     @staticmethod
     async def _patiently(what: str, write: Callable[[], Awaitable[Any]]) -> None:
@@ -178,6 +192,11 @@ class Dispatcher:
 
     # --- housekeeping -----------------------------------------------------------------------
 
+    async def _record_depths(self) -> None:
+        served_by = {app_of(endpoint_id): endpoint.deployment for endpoint_id, endpoint in self.endpoints.items()}
+        for app, deployment in served_by.items():
+            metrics().queue_depth.set(await self.store.depth(app), tags={"queue_app": app, "serving_deployment": deployment})
+
     async def _housekeeping(self) -> None:
         since_purge = PURGE_INTERVAL_S
         while True:
@@ -190,12 +209,15 @@ class Dispatcher:
                     why = "it asked not to be retried" if record.no_retry else f"it already ran {record.attempts} times"
                     body = {"detail": f"the router running this request went away, and {why}", "error_type": "runner_disconnected"}
                     await self.store.finish(record.request_id, None, Outcome(503, json.dumps(body).encode()))
+                    record_outcome(record, Outcome(503, b""))
                 for record in await self.store.expired_unstarted():
                     body = {"detail": "the request did not start within its start timeout", "error_type": "request_timeout"}
                     await self.store.finish(record.request_id, None, Outcome(504, json.dumps(body).encode()))
+                    record_outcome(record, Outcome(504, b""))
                 since_purge += HOUSEKEEPING_INTERVAL_S
                 if since_purge >= PURGE_INTERVAL_S:
                     since_purge = 0.0
                     await self.store.purge(self.settings.retention_s)
+                await self._record_depths()
             except Exception:  # noqa: BLE001 - try again next round
                 logger.exception("queue housekeeping failed")

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from serve_app.auth import ANONYMOUS, Caller
 from serve_app.config import QueueSettings
 from serve_app.errors import FalError, InputError, validation_details, validation_response
-from serve_app.queue.dispatcher import Endpoint, app_of
-from serve_app.queue.store import AdmissionLimits, JobRecord, JobState, JobStore, NewJob, QueueFull
+from serve_app.queue.dispatcher import Endpoint, app_of, record_outcome
+from serve_app.queue.store import CANCELLED, AdmissionLimits, JobRecord, JobState, JobStore, NewJob, QueueFull
 from serve_app.queue.webhooks import check_webhook_url
 from serve_app.url_guard import NetworkPolicy
 
@@ -156,10 +156,12 @@ class QueueService:
 
     async def cancel(self, app: str, request_id: str, caller: Caller) -> JSONResponse:
         try:
-            await self._own(app, request_id, caller)
+            record = await self._own(app, request_id, caller)
         except FalError:
             return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
         outcome = await self.store.cancel(request_id, app)
+        if outcome == "cancelled":  # a queued job, ended here (a running one ends in its dispatcher)
+            record_outcome(record, CANCELLED)
         if outcome in ("cancelled", "requested"):
             return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
         if outcome == "already_completed":
