@@ -67,7 +67,9 @@ class QueueSettings(_Frozen):
     max_queued: int | None = Field(10_000, ge=1, description="jobs waiting, all keys together; past it submits get 429")
     max_queued_per_key: int | None = Field(1_000, ge=1, description="jobs one key may have waiting")
     max_running_per_key: int | None = Field(None, ge=1, description="jobs one key may have running at once")
-    dispatch_slots: int = Field(16, ge=1, description="queued jobs each router replica runs at once")
+    dispatch_slots: int = Field(
+        64, ge=1, description="queued jobs each router replica runs at once: cover the model replicas' max_ongoing_requests x max_replicas"
+    )
     max_attempts: int = Field(3, ge=1, description="runs a job gets when its router or model replica dies under it")
     poll_interval_s: float = Field(0.05, gt=0, description="how often an idle dispatcher looks for work")
 

@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import Authenticator
+from serve_app.autoscaling import CPU_METRIC, CpuGauge
 from serve_app.config import AppConfig
 from serve_app.errors import FalError, InputError, fal_error_response, install_error_handlers
 from serve_app.files import InputFiles, LocalFileStore, make_output_store
@@ -228,7 +229,12 @@ class Router:
         self.signing_keys = SigningKeys(self.config.webhooks, self.jobs)
         self.deliverer = Deliverer(self.jobs, self.config.webhooks, self.config.network, self.signing_keys, worker)
         self.deliverer.start()
+        self.cpu = CpuGauge()
         logger.info("router up, profile %s", self.config.profile)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What `RouterCpuPolicy` scales the router by (Serve calls this on every replica)."""
+        return {CPU_METRIC: self.cpu.utilization()}
 
     def _queued_endpoints(self) -> dict[str, Endpoint]:
         """Every endpoint id the queue accepts: its schema and the same code its sync route runs."""

@@ -209,7 +209,8 @@ def stack(ray_cluster, files_dir, test_ca) -> Iterator[str]:
         weights={"cache_dir": str(files_dir.parent / "weights"), "max_file_bytes": 4 * 1024 * 1024},
         realtime={"idle_timeout_s": 6.0},
         auth=TEST_AUTH,
-        queue={"store_url": f"sqlite://{files_dir.parent / 'jobs.sqlite3'}", "lease_s": 3.0},  # short: the fault tests wait one out
+        # A short lease (the fault tests wait one out) and 16 dispatch slots (the queue tests fill them).
+        queue={"store_url": f"sqlite://{files_dir.parent / 'jobs.sqlite3'}", "lease_s": 3.0, "dispatch_slots": 16},
     )
     # SD and FLUX take a whole (fake) GPU each, LCM half of one, as in production.yaml.
     app = assemble(

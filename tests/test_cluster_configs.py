@@ -59,3 +59,30 @@ def test_model_replicas_get_the_same_environment_as_assembled_apps(name):
     for name in ("StableDiffusion", "LCM", "Flux"):
         model = next(d for d in deployments if d["name"] == name)
         assert model["ray_actor_options"]["runtime_env"]["env_vars"] == MODEL_REPLICA_ENV
+
+
+SERVED_APPS = {"StableDiffusion": ["fal-ai/lora"], "LCM": ["fal-ai/lcm"], "Flux": ["fal-ai/flux-lora"]}
+
+
+def test_production_scales_each_model_on_its_own_queue_and_the_router_on_cpu():
+    """The queue-aware policies read the same store the routers write (their `store_url` is the
+    app's), each for the apps its deployment serves; FLUX scales to zero; the dispatch slots can
+    feed every model replica; the policies import and construct as Serve's controller does."""
+    from ray.serve.config import AutoscalingConfig
+
+    from serve_app.autoscaling import QueueAwarePolicy, RouterCpuPolicy
+
+    (app,) = yaml.safe_load((CLUSTER / "production.yaml").read_text())["applications"]
+    config = AppConfig.from_args(app["args"])
+    deployments = {d["name"]: d for d in app["deployments"]}
+    for name, apps in SERVED_APPS.items():
+        scaling = AutoscalingConfig(**deployments[name]["autoscaling_config"])
+        assert scaling.policy.policy_function == "serve_app.autoscaling:QueueAwarePolicy"
+        policy = scaling.policy.get_policy()(**scaling.policy.policy_kwargs)
+        assert isinstance(policy, QueueAwarePolicy) and policy.store_url == config.queue.store_url and policy.apps == apps
+        assert scaling.downscale_delay_s >= 300 and deployments[name]["graceful_shutdown_timeout_s"] >= 120
+    assert AutoscalingConfig(**deployments["Flux"]["autoscaling_config"]).min_replicas == 0
+    router = AutoscalingConfig(**deployments["Router"]["autoscaling_config"])
+    assert router.min_replicas >= 1 and isinstance(router.policy.get_policy()(**router.policy.policy_kwargs), RouterCpuPolicy)
+    model_capacity = sum(deployments[n]["max_ongoing_requests"] * deployments[n]["autoscaling_config"]["max_replicas"] for n in SERVED_APPS)
+    assert config.queue.dispatch_slots * router.min_replicas >= model_capacity  # one router can keep every replica busy

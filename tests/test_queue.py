@@ -63,7 +63,7 @@ def queue_app(request, stack, http, files_dir, test_ca):
         auth=TEST_AUTH,
         network=ALLOWED_NETWORK,
         webhooks=FAST_WEBHOOKS,
-        queue={"store_url": store_url, "lease_s": 3.0},
+        queue={"store_url": store_url, "lease_s": 3.0, "dispatch_slots": 16},
     )
     idle = {"ray_actor_options": {"num_cpus": 0}}  # this app's LCM and FLUX replicas are not used here
     serve.run(assemble(config, {"ray_actor_options": {"num_gpus": 0.5, "num_cpus": 1}}, idle, idle), name="queue-redis", route_prefix="/rq")

@@ -1,11 +1,16 @@
 """Dispatchers: inside every router replica, they claim queued jobs and run them to an outcome.
 
-Each of a replica's `dispatch_slots` loops claims the oldest job it may run, runs it through the
-same endpoint code as a synchronous call (with progress streamed into the job's logs), renews
-its lease while it runs, stops it when a cancel is asked for, and writes the outcome, the only
-write that ends a job. A job whose model replica died is given back to the queue (up to `max_attempts` runs). A
-housekeeping loop requeues jobs whose router died (their leases ran out),
-ends jobs that waited past their start timeout (504), and purges old results.
+Up to `dispatch_slots` jobs per router replica run at once: a claimer takes the oldest job it may
+run while a slot is free, and each job runs through the same endpoint code as a synchronous call
+(with progress streamed into the job's logs), renews its lease while it runs, stops it when a
+cancel is asked for, and writes the outcome, the only write that ends a job. A job whose model
+replica died is given back to the queue (up to `max_attempts` runs). A housekeeping loop requeues
+jobs whose router died (their leases ran out), ends jobs that waited past their start timeout
+(504), and purges old results.
+
+Slots must cover what the model replicas can take at once (their `max_ongoing_requests` times
+their `max_replicas`, over the router replicas): a job waiting for a slot is invisible to Serve's
+routing, and a replica that gets no requests does not help the backlog.
 
 The store may go away for a while (a Redis restart): claims and renewals are tried again on the
 next round, a job's final write is retried for `STORE_WRITE_PATIENCE_S`, and a progress line that
@@ -90,30 +95,42 @@ class Dispatcher:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._slot(i)) for i in range(self.settings.dispatch_slots)]
-        self._tasks.append(loop.create_task(self._housekeeping()))
+        self._free = asyncio.Semaphore(self.settings.dispatch_slots)
+        self._running: set[asyncio.Task] = set()
+        self._tasks = [loop.create_task(self._claim_loop()), loop.create_task(self._housekeeping())]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._running]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._running, return_exceptions=True)
 
     # --- running jobs -----------------------------------------------------------------------
 
-    async def _slot(self, index: int) -> None:
+    async def _claim_loop(self) -> None:
+        """One claimer for all slots: it claims while a slot is free, so an idle router asks the
+        store once per `poll_interval_s`, however many slots it has."""
         while True:
+            await self._free.acquire()
             try:
                 job = await self.store.claim(self.worker, self.settings.lease_s, self.apps, self.settings.max_running_per_key)
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the slot
-                logger.exception("dispatcher %s slot %d: claim failed", self.worker, index)
+            except Exception:  # noqa: BLE001 - a store hiccup must not stop the dispatcher
+                logger.exception("dispatcher %s: claim failed", self.worker)
                 job = None
             if job is None:
+                self._free.release()
                 await asyncio.sleep(self.settings.poll_interval_s)
                 continue
-            try:
-                await self._execute(job)
-            except Exception:  # noqa: BLE001 - the job's lease runs out and it runs again
-                logger.exception("dispatcher %s slot %d: request %s could not be ended", self.worker, index, job.request_id)
+            task = asyncio.get_running_loop().create_task(self._run_in_slot(job))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_in_slot(self, job: JobRecord) -> None:
+        try:
+            await self._execute(job)
+        except Exception:  # noqa: BLE001 - the job's lease runs out and it runs again
+            logger.exception("dispatcher %s: request %s could not be ended", self.worker, job.request_id)
+        finally:
+            self._free.release()
 
     async def _execute(self, job: JobRecord) -> None:
         """Run one claimed job to its outcome, keeping its lease and watching for a cancel."""
