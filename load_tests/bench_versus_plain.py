@@ -5,11 +5,13 @@ deployment and a model deployment that calls the diffusers pipeline one request 
 (`max_ongoing_requests=1`) and returns a PNG. It serves the same tiny SDXL stand-in as our stack,
 on the same CPU share and torch threads. Measured in each round, closed loop, at 1, 8 and 32
 concurrent clients:
-  plain         the plain app
+  plain         the plain app, as Ray's example writes it (a sync model method)
+  plain_one_thread  the same with its pipeline on one dedicated torch thread, as our replicas run it
   stack         our stack (batching on), `POST /fal-ai/lora`, PNG output
   no_batching   our stack with batching off (a second app)
   mixed_loras   our stack, every request with two of 8 LoRAs (already downloaded), round robin
-Reported: medians over rounds of images/s, p50 latency, and the ratios the targets are stated in:
+Reported: medians over rounds of images/s, p50 latency, and the ratios the targets are stated in,
+checked against the stronger of the two plain apps:
   stack images/s >= 2 x plain images/s at 8 and 32 clients      stack p50 - plain p50 <= 20 ms at 1 client
 
     python -m load_tests.bench_versus_plain --out bench_results/versus_plain.json
@@ -18,6 +20,7 @@ Reported: medians over rounds of images/s, p50 latency, and the ratios the targe
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as cf
 import io
 import json
@@ -38,16 +41,22 @@ CLIENTS = (1, 8, 32)
 N_LORAS = 8
 
 
-def plain_app(threads: int):
-    """Ray's example, with the tiny stand-in in place of stabilityai/stable-diffusion-2."""
+def plain_app(threads: int, torch_thread: bool = False):
+    """Ray's example, with the tiny stand-in in place of stabilityai/stable-diffusion-2.
+
+    As written, the model's sync method runs on Serve's worker threads; on a CPU that makes every
+    pipeline call slower than the same call in a plain process (measured: ~370 ms against ~200 ms
+    here). `torch_thread` runs it on one dedicated thread instead, as our replicas do: the
+    stronger baseline, the one the targets are checked against."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastapi import FastAPI
     from fastapi.responses import Response
     from ray import serve
 
     api = FastAPI()
 
-    @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1)
-    class StableDiffusionV2:
+    class Pipeline:
         def __init__(self) -> None:
             from diffusers import StableDiffusionXLPipeline
 
@@ -57,11 +66,25 @@ def plain_app(threads: int):
             self.pipe = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model("sdxl"))
             self.pipe.set_progress_bar_config(disable=True)
 
-        def generate(self, prompt: str, img_size: int, steps: int, seed: int):
+        def _generate(self, prompt: str, img_size: int, steps: int, seed: int):
             assert len(prompt), "prompt parameter cannot be empty"
-            torch.set_num_threads(threads)
             generator = torch.Generator().manual_seed(seed)
             return self.pipe(prompt, height=img_size, width=img_size, num_inference_steps=steps, guidance_scale=7.5, generator=generator).images[0]
+
+    class StableDiffusionV2(Pipeline):
+        def generate(self, prompt: str, img_size: int, steps: int, seed: int):  # as in Ray's example: sync
+            torch.set_num_threads(threads)
+            return self._generate(prompt, img_size, steps, seed)
+
+    class StableDiffusionV2OneThread(Pipeline):
+        def __init__(self) -> None:
+            super().__init__()
+            self.thread = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,))
+
+        async def generate(self, prompt: str, img_size: int, steps: int, seed: int):
+            return await asyncio.get_running_loop().run_in_executor(self.thread, self._generate, prompt, img_size, steps, seed)
+
+    model = serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1)(StableDiffusionV2OneThread if torch_thread else StableDiffusionV2)
 
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25})
     @serve.ingress(api)
@@ -76,7 +99,7 @@ def plain_app(threads: int):
             image.save(stream, "PNG")
             return Response(content=stream.getvalue(), media_type="image/png")
 
-    return APIIngress.bind(StableDiffusionV2.bind())
+    return APIIngress.bind(model.bind())
 
 
 def start(args, lora_dir: Path) -> str:
@@ -104,6 +127,7 @@ def start(args, lora_dir: Path) -> str:
         )
         serve.run(assemble(config, {"ray_actor_options": {"num_cpus": 1}}, idle, idle), name=name, route_prefix=f"/{name}")
     serve.run(plain_app(args.threads), name="plain", route_prefix="/plain")
+    serve.run(plain_app(args.threads, torch_thread=True), name="plain_one_thread", route_prefix="/plain_one_thread")
     return f"http://127.0.0.1:{port}"
 
 
@@ -153,10 +177,12 @@ def main() -> None:
         return [{"path": lora_urls[i % N_LORAS], "scale": 0.8}, {"path": lora_urls[(i + 3) % N_LORAS], "scale": 0.5}]
 
     with httpx.Client(base_url=base, timeout=600, limits=httpx.Limits(max_connections=128)) as client:
-        def plain(i: int) -> None:
-            response = client.get("/plain/imagine", params={"prompt": f"photo {i}", "img_size": args.size, "steps": args.steps, "seed": i})
-            response.raise_for_status()
-            assert response.headers["content-type"] == "image/png"
+        def plain(app: str) -> Callable[[int], None]:
+            def call(i: int) -> None:
+                response = client.get(f"/{app}/imagine", params={"prompt": f"photo {i}", "img_size": args.size, "steps": args.steps, "seed": i})
+                response.raise_for_status()
+                assert response.headers["content-type"] == "image/png"
+            return call
 
         def ours(app: str, with_loras: bool = False) -> Callable[[int], None]:
             def call(i: int) -> None:
@@ -164,7 +190,7 @@ def main() -> None:
                 response.raise_for_status()
             return call
 
-        phases = {"plain": plain, "stack": ours("stack"), "no_batching": ours("no_batching"), "mixed_loras": ours("stack", with_loras=True)}
+        phases = {"plain": plain("plain"), "plain_one_thread": plain("plain_one_thread"), "stack": ours("stack"), "no_batching": ours("no_batching"), "mixed_loras": ours("stack", with_loras=True)}
         for call in phases.values():  # warm up: model loads, LoRA downloads, first-call allocations
             for i in range(N_LORAS):
                 call(i)
@@ -188,15 +214,17 @@ def main() -> None:
         "config": {**{k: str(v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "table": {key: {"images_per_s": med(key, "images_per_s"), "p50_ms": med(key, "p50_ms"), "p90_ms": med(key, "p90_ms")} for key in rounds[0]},
         "stack_vs_plain_throughput": {c: ratio(f"stack_c{c}", f"plain_c{c}") for c in CLIENTS},
+        "stack_vs_plain_one_thread_throughput": {c: ratio(f"stack_c{c}", f"plain_one_thread_c{c}") for c in CLIENTS},
         "batching_on_vs_off_throughput": {c: ratio(f"stack_c{c}", f"no_batching_c{c}") for c in CLIENTS},
         "mixed_loras_vs_plain_throughput": {c: ratio(f"mixed_loras_c{c}", f"plain_c{c}") for c in CLIENTS},
         "stack_minus_plain_p50_ms_c1": statistics.median(r["stack_c1"]["p50_ms"] - r["plain_c1"]["p50_ms"] for r in rounds),
+        "stack_minus_plain_one_thread_p50_ms_c1": statistics.median(r["stack_c1"]["p50_ms"] - r["plain_one_thread_c1"]["p50_ms"] for r in rounds),
         "rounds": rounds,
     }
-    summary["targets"] = {
-        "at_least_2x_plain_at_8_clients": summary["stack_vs_plain_throughput"][8] >= 2.0,
-        "at_least_2x_plain_at_32_clients": summary["stack_vs_plain_throughput"][32] >= 2.0,
-        "c1_p50_within_20ms_of_plain": summary["stack_minus_plain_p50_ms_c1"] <= 20.0,
+    summary["targets"] = {  # against the stronger baseline
+        "at_least_2x_plain_at_8_clients": min(summary["stack_vs_plain_throughput"][8], summary["stack_vs_plain_one_thread_throughput"][8]) >= 2.0,
+        "at_least_2x_plain_at_32_clients": min(summary["stack_vs_plain_throughput"][32], summary["stack_vs_plain_one_thread_throughput"][32]) >= 2.0,
+        "c1_p50_within_20ms_of_plain": max(summary["stack_minus_plain_p50_ms_c1"], summary["stack_minus_plain_one_thread_p50_ms_c1"]) <= 20.0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))

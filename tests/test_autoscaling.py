@@ -191,12 +191,26 @@ def test_a_step_load_scales_sd_up_to_three_and_flux_from_zero_and_both_back_with
                 assert result.status_code == 200 and result.json()["images"], result.text[:300]
             assert sync_codes and set(sync_codes) == {200}, sync_codes
 
-            # Idle again: back to the minimum, and FLUX to zero.
-            deadline = time.monotonic() + 180
-            while not (watcher.now("StableDiffusion") == 1 and watcher.now("Flux") == 0):
-                assert time.monotonic() < deadline, f"no scale-down: {watcher.samples[-3:]}\n{run.tail()}"
-                time.sleep(0.5)
-            assert http.post("/fal-ai/lora", json={**sd_job, "num_inference_steps": 4}).status_code == 200  # still serving
+            # A trickle: back to the minimum, FLUX to zero, and the replicas that go drain first (a
+            # request in flight on one finishes before it stops).
+            scaled_down = threading.Event()
+            trickle_codes: list[int] = []
+
+            def trickle() -> None:
+                while not scaled_down.is_set():
+                    trickle_codes.append(http.post("/fal-ai/lora", json={**sd_job, "num_inference_steps": 12}).status_code)
+
+            trickler = threading.Thread(target=trickle)
+            trickler.start()
+            try:
+                deadline = time.monotonic() + 180
+                while not (watcher.now("StableDiffusion") == 1 and watcher.now("Flux") == 0):
+                    assert time.monotonic() < deadline, f"no scale-down: {watcher.samples[-3:]}\n{run.tail()}"
+                    time.sleep(0.5)
+            finally:
+                scaled_down.set()
+                trickler.join()
+            assert trickle_codes and set(trickle_codes) == {200}, trickle_codes
         finally:
             watcher.stop()
             run.kill()
