@@ -185,9 +185,12 @@ class WeightsCache:
             return {}
 
     def _save_index(self) -> None:
-        tmp = self._index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({url: vars(e) for url, e in self._urls.items()}))
-        tmp.replace(self._index_path)
+        # A temporary file of its own: several replicas (processes) may share this directory,
+        # and with one fixed name a writer's rename can fail because another's already moved it.
+        fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".tmp", dir=self._index_path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({url: vars(e) for url, e in self._urls.items()}))
+        os.replace(tmp, self._index_path)
 
     def _path(self, entry: _Entry) -> Path:
         return self.directory / f"{entry.digest}{entry.suffix}"
