@@ -5,6 +5,7 @@ deployment and a model deployment that calls the diffusers pipeline one request 
 (`max_ongoing_requests=1`) and returns a PNG. It serves the same tiny SDXL stand-in as our stack,
 on the same CPU share and torch threads. Measured in each round, closed loop, at 1, 8 and 32
 concurrent clients:
+  bare          (1 client) the bare pipeline in the benchmark's own process, PNG-encoded: the floor
   plain         the plain app, as Ray's example writes it (a sync model method)
   plain_one_thread  the same with its pipeline on one dedicated torch thread, as our replicas run it
   stack         our stack (batching on), `POST /fal-ai/lora`, PNG output
@@ -110,7 +111,7 @@ def start(args, lora_dir: Path) -> str:
     from serve_app.config import AppConfig
     from tests.conftest import IMAGE_HOST, free_port
 
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     idle = {"ray_actor_options": {"num_cpus": 0}}
@@ -191,7 +192,17 @@ def main() -> None:
             return call
 
         phases = {"plain": plain("plain"), "plain_one_thread": plain("plain_one_thread"), "stack": ours("stack"), "no_batching": ours("no_batching"), "mixed_loras": ours("stack", with_loras=True)}
-        for call in phases.values():  # warm up: model loads, LoRA downloads, first-call allocations
+        # The floor: the bare pipeline in this process, one call at a time (no Serve, no HTTP).
+        torch.set_num_threads(args.threads)
+        from load_tests.bench_foundation import bare_pipeline
+
+        pipe = bare_pipeline()
+
+        def bare(i: int) -> None:
+            pipe(f"photo {i}", height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(i)).images[0].save(io.BytesIO(), "PNG")
+
+        for call in [bare, *phases.values()]:  # warm up: model loads, LoRA downloads, first-call allocations
             for i in range(N_LORAS):
                 call(i)
         rounds = []
@@ -199,6 +210,8 @@ def main() -> None:
             result = {}
             for clients in CLIENTS:
                 total = args.requests_c1 if clients == 1 else args.per_client * clients
+                if clients == 1:
+                    result["bare_c1"] = closed_loop(bare, 1, total)
                 for name, call in phases.items():
                     result[f"{name}_c{clients}"] = closed_loop(call, clients, total)
             rounds.append(result)
@@ -217,6 +230,7 @@ def main() -> None:
         "stack_vs_plain_one_thread_throughput": {c: ratio(f"stack_c{c}", f"plain_one_thread_c{c}") for c in CLIENTS},
         "batching_on_vs_off_throughput": {c: ratio(f"stack_c{c}", f"no_batching_c{c}") for c in CLIENTS},
         "mixed_loras_vs_plain_throughput": {c: ratio(f"mixed_loras_c{c}", f"plain_c{c}") for c in CLIENTS},
+        "stack_c8_vs_bare_one_at_a_time": ratio("stack_c8", "bare_c1"),
         "stack_minus_plain_p50_ms_c1": statistics.median(r["stack_c1"]["p50_ms"] - r["plain_c1"]["p50_ms"] for r in rounds),
         "stack_minus_plain_one_thread_p50_ms_c1": statistics.median(r["stack_c1"]["p50_ms"] - r["plain_one_thread_c1"]["p50_ms"] for r in rounds),
         "rounds": rounds,
