@@ -76,7 +76,9 @@ def test_every_user_type_gets_answers_without_a_failure(stack, test_ca, image_se
     # Queue: each job's submit, its result and the whole wait are one request apiece; it polled meanwhile.
     jobs = requests[("QUEUE", "/queue/fal-ai/lora [submit to result]")]
     assert jobs > 0
-    assert requests[("POST", "/queue/fal-ai/lora")] == requests[("GET", "/queue/fal-ai/lora/requests/[id]")] == jobs
+    assert requests[("GET", "/queue/fal-ai/lora/requests/[id]")] == jobs
+    # (The run's end may cut the last job's wait short: at most one submit more than results.)
+    assert jobs <= requests[("POST", "/queue/fal-ai/lora")] <= jobs + 1
     assert requests[("GET", "/queue/fal-ai/lora/requests/[id]/status")] >= jobs
     assert requests[("POST", "/fal-ai/lora")] > 0
     # Mixed LoRAs: named by how many each carried (1-2 here), and the cluster fetched the files.
