@@ -93,6 +93,14 @@ class RequestIdMiddleware:
             await response(scope, receive, send_with_id)
 
 
+def app_path(scope) -> str:
+    """The request's path within the app: an app under a route prefix sees the prefix in it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
 class AuthMiddleware:
     """Every HTTP route but the public ones needs a key (or runs in open mode), within its rate;
     synchronous runs also within the key's running limit (the queue's, see sync_admission.py).
@@ -109,10 +117,7 @@ class AuthMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")  # an app under a route prefix sees it in the path
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        path = app_path(scope)
         if scope["type"] != "http" or path in self.PUBLIC or path.startswith(self.PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
@@ -145,7 +150,7 @@ class RequestMetricsMiddleware:
     their latency (a stream's until its last event). Accepted queued jobs are counted when they
     end, by the dispatcher."""
 
-    SYNC_ENDPOINTS = frozenset({
+    SYNC_ENDPOINTS = frozenset({  # the routes below: a bounded label set
         "fal-ai/lora", "fal-ai/lora/image-to-image", "fal-ai/lora/inpaint", "fal-ai/lcm",
         "fal-ai/flux-lora", "fal-ai/flux-lora/image-to-image", "fal-ai/flux-lora/inpainting", "fal-ai/flux-lora/stream",
     })
@@ -154,10 +159,7 @@ class RequestMetricsMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        path = app_path(scope)
         if scope["type"] != "http" or scope.get("method") != "POST" or not path.startswith(("/fal-ai/", "/queue/")):
             await self.app(scope, receive, send)
             return

@@ -177,6 +177,18 @@ def ray_cluster() -> Iterator[str]:
     ray.shutdown()
 
 
+@pytest.fixture
+def serve_workdir() -> Iterator[Path]:
+    """A folder for a `serve run` cluster of a test's own (tests/serve_cluster.py): short, as
+    Ray's socket paths under it must fit 107 bytes."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ds-serve-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def files_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("files")

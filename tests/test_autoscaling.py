@@ -12,11 +12,8 @@ counts are read from Ray's dashboard API, as `serve status` reads them.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,13 +26,6 @@ from tests.serve_cluster import ROOT, ServeRun, wait_until_serving
 pytestmark = pytest.mark.slow
 
 DASHBOARD = "http://127.0.0.1:8265"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ds-scale-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def scaling_config(workdir: Path, port: int) -> Path:
@@ -131,14 +121,14 @@ class Watcher:
         return self.samples[-1][1].get(deployment, 0) if self.samples else None
 
 
-def test_a_step_load_scales_sd_up_to_three_and_flux_from_zero_and_both_back_with_no_request_failing(workdir):
+def test_a_step_load_scales_sd_up_to_three_and_flux_from_zero_and_both_back_with_no_request_failing(serve_workdir):
     port = free_port()
     fast_metrics = {
         "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 8, "GPU": 4}),
         "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     }
-    run = ServeRun(scaling_config(workdir, port), workdir, env=fast_metrics)
+    run = ServeRun(scaling_config(serve_workdir, port), serve_workdir, env=fast_metrics)
     sd_job = {"model_name": "runwayml/stable-diffusion-v1-5", "prompt": "a harbour", "image_size": {"width": 128, "height": 128}}
     flux_job = {"prompt": "a harbour", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 4}
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:

@@ -9,8 +9,6 @@ from the test session's shared cluster; it serves plain HTTP on a port of its ow
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,13 +23,6 @@ from tests.serve_cluster import ROOT, ServeRun, wait_until_serving
 from tests.webhook_receiver import WebhookReceiver, verify
 
 pytestmark = pytest.mark.slow
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ds-restart-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
 
 @pytest.fixture
 def receiver() -> Iterator[WebhookReceiver]:
@@ -72,9 +63,9 @@ def attempts_of(database: Path, request_ids: list[str]) -> list[int]:
     return asyncio.run(read())
 
 
-def test_a_killed_and_restarted_serve_run_loses_no_job_and_no_webhook(workdir, receiver):
+def test_a_killed_and_restarted_serve_run_loses_no_job_and_no_webhook(serve_workdir, receiver):
     port = free_port()
-    run = ServeRun(demo_config_on(workdir, port), workdir)
+    run = ServeRun(demo_config_on(serve_workdir, port), serve_workdir)
     hook = f"/hook/{uuid.uuid4().hex}"
     receiver.failures[hook] = 1_000  # the receiver is down (500s) until the cluster has been killed
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
@@ -124,6 +115,6 @@ def test_a_killed_and_restarted_serve_run_loses_no_job_and_no_webhook(workdir, r
             assert receiver.tries[hook] >= 2
             # The jobs that were running when the cluster died ran again (a second attempt).
             running_before = [s["request_id"] for s, state in zip(submitted, before, strict=True) if state == "IN_PROGRESS"]
-            assert running_before and all(n >= 2 for n in attempts_of(workdir / "jobs.sqlite3", running_before)), before
+            assert running_before and all(n >= 2 for n in attempts_of(serve_workdir / "jobs.sqlite3", running_before)), before
         finally:
             run.kill()

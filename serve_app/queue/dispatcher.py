@@ -163,18 +163,17 @@ class Dispatcher:
             logger.warning("request %s: its model replica went away; queued again (attempt %d next)", job.request_id, job.attempts + 1)
             await self._patiently(f"giving request {job.request_id} back", lambda: self.store.release(job.request_id, self.worker))
             return
-        await self._patiently(f"writing the outcome of request {job.request_id}", lambda: self.store.finish(job.request_id, self.worker, outcome))
-        record_outcome(job, outcome)
+        if await self._patiently(f"writing the outcome of request {job.request_id}", lambda: self.store.finish(job.request_id, self.worker, outcome)):
+            record_outcome(job, outcome)  # once: a router that lost the lease does not count it
 
     @staticmethod
-    async def _patiently(what: str, write: Callable[[], Awaitable[Any]]) -> None:
-        """A job's final write, tried again with growing waits while the store is away."""
+    async def _patiently(what: str, write: Callable[[], Awaitable[Any]]) -> Any:
+        """A job's final write, tried again with growing waits while the store is away; its result."""
         loop = asyncio.get_running_loop()
         deadline, wait = loop.time() + STORE_WRITE_PATIENCE_S, 0.1
         while True:
             try:
-                await write()
-                return
+                return await write()
             except Exception:  # noqa: BLE001
                 if loop.time() + wait > deadline:
                     raise
