@@ -99,6 +99,14 @@ def metrics() -> Metrics:
     )
 
 
+def record_request(endpoint: str, mode: str, outcome: str, seconds: float | None = None) -> None:
+    """One request's end: its count by outcome and, when given, its end-to-end latency."""
+    tags = {"endpoint": endpoint, "mode": mode}
+    metrics().requests.inc(tags={**tags, "outcome": outcome})
+    if seconds is not None:
+        metrics().request_seconds.observe(seconds, tags=tags)
+
+
 def outcome_of(status_code: int) -> str:
     """A bounded label for an HTTP status."""
     if status_code < 400:

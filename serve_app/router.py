@@ -24,7 +24,7 @@ from serve_app.autoscaling import CPU_METRIC, CpuGauge
 from serve_app.config import AppConfig
 from serve_app.errors import FalError, InputError, fal_error_response, install_error_handlers
 from serve_app.files import InputFiles, LocalFileStore, make_output_store
-from serve_app.metrics import metrics, outcome_of
+from serve_app.metrics import outcome_of, record_request
 from serve_app.queue import open_store
 from serve_app.queue.dispatcher import Dispatcher, Endpoint, app_of
 from serve_app.queue.service import QueueService
@@ -178,12 +178,10 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_recording)
         finally:
-            m = metrics()
             if mode == "sync":
-                m.requests.inc(tags={"endpoint": endpoint, "mode": mode, "outcome": outcome_of(status)})
-                m.request_seconds.observe(time.perf_counter() - started, tags={"endpoint": endpoint, "mode": mode})
+                record_request(endpoint, mode, outcome_of(status), time.perf_counter() - started)
             elif status != 200:  # a refused submit: never a job
-                m.requests.inc(tags={"endpoint": endpoint, "mode": mode, "outcome": outcome_of(status)})
+                record_request(endpoint, mode, outcome_of(status))
 
 
 api.add_middleware(AuthMiddleware)
@@ -311,9 +309,7 @@ class Router:
                 outcome = outcome_of(exc.status_code)
                 raise
             finally:
-                tags = {"endpoint": "fal-ai/lcm/realtime", "mode": "realtime"}
-                metrics().requests.inc(tags={**tags, "outcome": outcome})
-                metrics().request_seconds.observe(time.perf_counter() - started, tags=tags)
+                record_request("fal-ai/lcm/realtime", "realtime", outcome, time.perf_counter() - started)
             return run.output.model_dump(mode="json"), run.result.inference_time_s
 
         await RealtimeSession(websocket, LcmInput, serve_frame, max_buffering, self.config.realtime.idle_timeout_s).run()

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from serve_app.config import QueueSettings
 from serve_app.errors import FalError, InputError, validation_details
-from serve_app.metrics import metrics, outcome_of
+from serve_app.metrics import metrics, outcome_of, record_request
 from serve_app.queue.store import CANCELLED, JobRecord, JobStore, Outcome
 from serve_app.services.dispatch import Progress, Run
 
@@ -78,10 +78,8 @@ def error_outcome(exc: BaseException, request_id: str) -> Outcome:
 
 def record_outcome(job: JobRecord, outcome: Outcome) -> None:
     """A queued job's end, in the request metrics (latency from its submit)."""
-    tags = {"endpoint": job.endpoint, "mode": "queue"}
-    metrics().requests.inc(tags={**tags, "outcome": outcome_of(outcome.status_code)})
-    if job.created_at:
-        metrics().request_seconds.observe(max(0.0, time.time() - job.created_at), tags=tags)
+    seconds = max(0.0, time.time() - job.created_at) if job.created_at else None
+    record_request(job.endpoint, "queue", outcome_of(outcome.status_code), seconds)
 
 
 class Dispatcher:
