@@ -49,7 +49,10 @@ def assemble(
             "DEMO PROFILE: every model name is served by tiny random-weight stand-ins; images are noise. "
             "Use cluster/production.yaml for real weights."
         )
-    settings = config.model_dump(mode="json")
+    # Only what was set travels to the replicas; defaults and the environment resolve in each
+    # replica's own process, so node-local settings (the weights cache under ~, a per-node
+    # DIFFUSION_SERVE_WEIGHTS__CACHE_DIR) stay the node's own.
+    settings = config.model_dump(mode="json", exclude_unset=True)
     fetcher = AdapterFetcher.bind(settings)
     stable_diffusion = StableDiffusion.options(**with_model_replica_env(stable_diffusion_options))
     lcm = LCM.options(**with_model_replica_env(lcm_options))

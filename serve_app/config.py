@@ -3,8 +3,9 @@
 Everything an operator can tune lives here as data: the profile (demo or production), model
 aliases, limits on inputs, batching budgets, where output files go, which networks URL fetches may
 reach. `serve run cluster/demo.yaml` passes the YAML `args` to `AppConfig.from_args`; environment
-variables prefixed `DIFFUSION_SERVE_` override them (nested with `__`, e.g.
-`DIFFUSION_SERVE_LIMITS__MAX_PIXELS=1048576`).
+variables prefixed `DIFFUSION_SERVE_` (nested with `__`, e.g. `DIFFUSION_SERVE_LIMITS__MAX_PIXELS=1048576`)
+fill in what the args leave unset, in each replica's own process: the args win, and an unset
+setting may differ per node (`DIFFUSION_SERVE_WEIGHTS__CACHE_DIR`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""`serve run` of a config file as its own Ray cluster, apart from the test session's: what an
-operator runs on one machine, killed as a machine going down would kill it."""
+"""Ray clusters of a test's own, apart from the test session's: `serve run` of a config file (what
+an operator runs on one machine) and `ray start` nodes (what a multi-node cluster runs), killed as a
+machine going down would kill them. Every process of such a cluster names its temp dir, which is
+how leftovers are found: `ray stop` would take the test session's cluster down with it."""
 
 from __future__ import annotations
 
@@ -14,6 +16,38 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = str(Path(sys.executable).parent / "serve")
+
+
+def cluster_pids(marker: Path) -> list[int]:
+    """Processes whose command line or environment names `marker`, this one excepted."""
+    needle = str(marker).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if (needle in cmdline or needle in environ) and int(entry.name) != os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_cluster(marker: Path) -> None:
+    """SIGKILL every process of the cluster whose temp dir is `marker`, until none is left."""
+    for _ in range(100):
+        left = cluster_pids(marker)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"processes of the killed cluster are still alive: {cluster_pids(marker)}")
 
 
 class ServeRun:
@@ -40,32 +74,7 @@ class ServeRun:
         except ProcessLookupError:
             pass
         self.process.wait(timeout=30)
-        for _ in range(100):
-            left = self._cluster_pids()
-            if not left:
-                return
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        raise AssertionError(f"processes of the killed cluster are still alive: {self._cluster_pids()}")
-
-    def _cluster_pids(self) -> list[int]:
-        marker = str(self.ray_tmp).encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-                environ = (entry / "environ").read_bytes()
-            except OSError:
-                continue
-            if (marker in cmdline or marker in environ) and int(entry.name) != os.getpid():
-                pids.append(int(entry.name))
-        return pids
+        kill_cluster(self.ray_tmp)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
@@ -82,3 +91,82 @@ def wait_until_serving(http: httpx.Client, run: ServeRun, timeout_s: float = 240
             pass
         time.sleep(0.5)
     raise AssertionError(f"serve run did not come up in {timeout_s} s:\n{run.tail()}")
+
+
+def dashboard_headers() -> dict[str, str]:
+    """Ray's token authentication, where it is on: the token `ray` keeps in ~/.ray/auth_token."""
+    token = Path.home() / ".ray" / "auth_token"
+    return {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
+
+
+class RayNodes:
+    """A Ray cluster of `ray start` nodes on this machine, as a multi-node cluster runs: a head and
+    workers, each its own raylet with its own (fake) resources, environment and metrics port. All
+    of them share this machine's IP, so every port is chosen here rather than left to defaults."""
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+        from tests.conftest import free_port
+
+        self.workdir = workdir
+        self.ray_tmp = workdir / "ray"
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # Code on the nodes' path, as the container image has it baked in.
+        self.env.update(RAY_TMPDIR=str(self.ray_tmp), PYTHONPATH=str(ROOT), **(env or {}))
+        self.metrics_ports: dict[str, int] = {}
+        self._free_port = free_port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _ray_start(self, name: str, args: list[str], env: dict[str, str] | None) -> None:
+        self.metrics_ports[name] = self._free_port()
+        command = [
+            str(Path(sys.executable).parent / "ray"), "start", *args,
+            f"--metrics-export-port={self.metrics_ports[name]}",
+            f"--dashboard-agent-listen-port={self._free_port()}",
+            "--object-store-memory=300000000", "--disable-usage-stats",
+        ]
+        log = self.workdir / f"ray-start-{name}.log"
+        with log.open("ab") as out:
+            done = subprocess.run(command, cwd=self.workdir, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, timeout=180)
+        assert done.returncode == 0, f"ray start of {name} failed:\n{log.read_text()[-3000:]}"
+
+    def start_head(self, *args: str, env: dict[str, str] | None = None) -> RayNodes:
+        self._ray_start("head", [
+            "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={self._free_port()}", *args,
+        ], env)
+        return self
+
+    def add_worker(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self._ray_start(name, [f"--address={self.address}", f"--labels=diffusion-serve/node={name}", *args], env)
+
+    def nodes(self) -> list[dict]:
+        """The cluster's nodes as the dashboard lists them (node_id, labels, resources_total, state)."""
+        reply = httpx.get(f"{self.dashboard}/api/v0/nodes", params={"limit": 100}, headers=dashboard_headers(), timeout=10)
+        reply.raise_for_status()
+        return reply.json()["data"]["result"]["result"]
+
+    def serve_deploy(self, config: Path) -> None:
+        serve = str(Path(sys.executable).parent / "serve")
+        done = subprocess.run([serve, "deploy", str(config), f"--address={self.dashboard}"], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"serve deploy failed:\n{done.stdout}\n{done.stderr}"
+
+    def serve_details(self) -> dict:
+        reply = httpx.get(f"{self.dashboard}/api/serve/applications/", headers=dashboard_headers(), timeout=10)
+        reply.raise_for_status()
+        return reply.json()
+
+    def metrics(self, name: str) -> str:
+        """The Prometheus text one node's metrics agent exports: what runs on that node only."""
+        return httpx.get(f"http://127.0.0.1:{self.metrics_ports[name]}/metrics", timeout=10).text
+
+    def kill(self) -> None:
+        kill_cluster(self.ray_tmp)

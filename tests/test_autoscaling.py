@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
-from tests.serve_cluster import ROOT, ServeRun, wait_until_serving
+from tests.serve_cluster import ROOT, ServeRun, dashboard_headers, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +68,6 @@ def scaling_config(workdir: Path, port: int) -> Path:
     path = workdir / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def dashboard_headers() -> dict[str, str]:
-    """Ray's token authentication, on by default: the token `ray` keeps in ~/.ray/auth_token."""
-    token = Path.home() / ".ray" / "auth_token"
-    return {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
 
 
 def running_replicas(http_port: int) -> dict[str, int] | None:
