@@ -19,18 +19,22 @@ SERVE = str(Path(sys.executable).parent / "serve")
 
 
 def cluster_pids(marker: Path) -> list[int]:
-    """Processes whose command line or environment names `marker`, this one excepted."""
-    needle = str(marker).encode()
+    """Processes of the cluster whose temp dir is `marker`, this one excepted: named in their command
+    line or environment, or (Ray's agents retitle themselves, which overwrites both) working in it
+    or holding a file open under it."""
+    needle, root = str(marker).encode(), str(marker)
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
-            environ = (entry / "environ").read_bytes()
+            named = needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes()
+            if not named:
+                paths = [os.readlink(entry / "cwd")] + [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+                named = any(path == root or path.startswith(root + "/") for path in paths)
         except OSError:
             continue
-        if (needle in cmdline or needle in environ) and int(entry.name) != os.getpid():
+        if named:
             pids.append(int(entry.name))
     return pids
 

@@ -119,7 +119,8 @@ def cluster() -> Iterator[Cluster]:
     try:
         nodes.start_head("--num-cpus=0", "--num-gpus=0", '--system-config={"metrics_report_interval_ms":1000}')
         for worker in WORKERS:
-            # A node's own disk: the replicas there resolve the (unset) weights cache from it.
+            # A node's own disk: the replicas there resolve the (unset) weights cache from it. The
+            # head, where Serve builds the app, sets none, so none is fixed into the app's args.
             nodes.add_worker(worker, "--num-cpus=8", "--num-gpus=2", env={"DIFFUSION_SERVE_WEIGHTS__CACHE_DIR": str(workdir / worker / "weights")})
         nodes.serve_deploy(production_on_one_machine(workdir, port, redis_server.url))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH_HEADERS, timeout=120) as http:
