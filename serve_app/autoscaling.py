@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -40,7 +41,8 @@ def _replicas_for(workload: float, target_per_replica: float, current: int) -> f
 
 class QueueAwarePolicy:
     """Replicas for a model deployment's work: its handles' requests in flight plus the jobs
-    waiting for its apps in the job store, `target_ongoing_requests` per replica."""
+    waiting for its apps in the job store, `target_ongoing_requests` per replica. It runs in the
+    Serve controller, which reads the store's password from the environment (the head's)."""
 
     def __init__(self, store_url: str, apps: list[str], poll_interval_s: float = 1.0) -> None:
         self.store_url = store_url
@@ -54,9 +56,10 @@ class QueueAwarePolicy:
     async def _poll(self) -> None:
         try:
             if self._store is None:
+                from serve_app.config import STORE_PASSWORD_ENV
                 from serve_app.queue import open_store
 
-                self._store = open_store(self.store_url)
+                self._store = open_store(self.store_url, os.environ.get(STORE_PASSWORD_ENV) or None)
             self.queued = sum([await self._store.depth(app) for app in self.apps])
         except Exception as exc:  # noqa: BLE001 - keep the last figure; Serve's own count still applies
             logger.warning("queue-aware autoscaling: cannot read the queue depth of %s: %s", self.apps, exc)

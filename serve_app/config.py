@@ -56,12 +56,18 @@ class RealtimeSettings(_Frozen):
     default_max_buffering: int = Field(2, ge=1, le=60, description="frames kept while one is being served (newest win)")
 
 
+STORE_PASSWORD_ENV = "DIFFUSION_SERVE_QUEUE__STORE_PASSWORD"
+
+
 class QueueSettings(_Frozen):
     """fal's queue: where jobs are kept, how long a dispatcher's lease lasts, what may wait."""
 
     store_url: str = Field(
         "sqlite:///~/.cache/diffusion-serve/jobs.sqlite3",
         description="sqlite:///path (one node) or redis://host:6379/0 (a cluster; #prefix to share a server)",
+    )
+    store_password: SecretStr | None = Field(
+        None, description=f"the Redis job store's password: from a Secret as ${STORE_PASSWORD_ENV}, not in the URL (the Serve config is not secret)"
     )
     lease_s: float = Field(30.0, gt=0, description="a job whose router stops renewing for this long is run again elsewhere")
     retention_s: float = Field(3600.0, gt=0, description="how long results are kept after completion (fal: 1 hour)")
@@ -73,6 +79,11 @@ class QueueSettings(_Frozen):
     )
     max_attempts: int = Field(3, ge=1, description="runs a job gets when its router or model replica dies under it")
     poll_interval_s: float = Field(0.05, gt=0, description="how often an idle dispatcher looks for work")
+
+    @field_serializer("store_password", when_used="json")
+    def _reveal(self, secret: SecretStr | None) -> str | None:
+        """The replicas get it through their init args, as they get the other secrets."""
+        return secret.get_secret_value() if secret else None
 
 
 class WebhookSettings(_Frozen):

@@ -220,7 +220,8 @@ class Router:
         self.flux = FluxService(flux, self.config, self.inputs, self.store)
         # fal's queue: jobs wait in the durable store; this replica's dispatcher runs some of them.
         endpoints = self._queued_endpoints()
-        self.jobs = open_store(self.config.queue.store_url)
+        password = self.config.queue.store_password
+        self.jobs = open_store(self.config.queue.store_url, password.get_secret_value() if password else None)
         self.queue = QueueService(self.jobs, endpoints, self.config.queue, self.config.network)
         api.state.sync_runs = SyncRunLimit(self.jobs, self.config.queue.max_running_per_key)
         worker = serve.get_replica_context().replica_id.unique_id

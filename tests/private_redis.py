@@ -16,10 +16,13 @@ needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, re
 
 
 class PrivateRedis:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         self.port = free_port()
+        self.password = password
         self.command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory),
                         "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        if password:
+            self.command += ["--requirepass", password]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -32,7 +35,7 @@ class PrivateRedis:
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             try:
-                if redis.Redis(host="127.0.0.1", port=self.port).ping():
+                if redis.Redis(host="127.0.0.1", port=self.port, password=self.password).ping():
                     return self
             except redis.exceptions.ConnectionError:
                 time.sleep(0.05)

@@ -15,6 +15,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from serve_app.autoscaling import CPU_METRIC, QueueAwarePolicy, RouterCpuPolicy
 from serve_app.queue.sqlite_store import SqliteJobStore
 from serve_app.queue.store import NewJob
+from tests.private_redis import PrivateRedis, needs_redis_server
 
 ASYNC = pytest.mark.asyncio(loop_scope="session")
 
@@ -95,3 +96,24 @@ def test_the_router_scales_on_cpu_or_on_requests_whichever_asks_for_more():
     assert policy(flooded)[0] == 4.0
     with pytest.raises(ValueError):
         RouterCpuPolicy(target_utilization=1.5)
+
+
+@needs_redis_server
+@ASYNC
+async def test_the_queue_aware_policy_reads_a_password_protected_redis_with_the_password_from_the_environment(tmp_path, monkeypatch):
+    from serve_app.config import STORE_PASSWORD_ENV
+    from serve_app.queue.redis_store import RedisJobStore
+
+    server = PrivateRedis(tmp_path, password="pw-for-the-controller").start()
+    try:
+        store = RedisJobStore(server.url, password="pw-for-the-controller")
+        await queue(store, "fal-ai/lora", 6)
+        await store.close()
+        without = QueueAwarePolicy(server.url, ["fal-ai/lora"], poll_interval_s=0.0)
+        assert await decide(without, context(replicas=1, in_flight=0)) == 0 / 2  # refused: the last figure, none
+        monkeypatch.setenv(STORE_PASSWORD_ENV, "pw-for-the-controller")
+        policy = QueueAwarePolicy(server.url, ["fal-ai/lora"], poll_interval_s=0.0)  # the controller's environment
+        assert await decide(policy, context(replicas=1, in_flight=0)) == 6 / 2
+        await policy._store.close()
+    finally:
+        server.kill()

@@ -347,6 +347,34 @@ async def test_the_store_is_chosen_by_url(tmp_path):
 
 
 @needs_redis_server
+async def test_a_redis_with_a_password_takes_it_from_the_settings_not_the_url(tmp_path, monkeypatch):
+    """The password comes from the environment (a Secret), so the Serve config's store_url holds
+    none; without it the server refuses, and says why."""
+    import redis
+
+    from serve_app.config import STORE_PASSWORD_ENV, AppConfig
+    from serve_app.queue import open_store
+
+    server = PrivateRedis(tmp_path, password="s3cret-pw").start()
+    try:
+        monkeypatch.setenv(STORE_PASSWORD_ENV, "s3cret-pw")
+        settings = AppConfig.from_args({"queue": {"store_url": server.url}})
+        monkeypatch.delenv(STORE_PASSWORD_ENV)  # a replica on a node without it gets it in its init args
+        as_replicas_get_it = AppConfig.from_args(settings.model_dump(mode="json", exclude_unset=True)).queue
+        assert "s3cret" not in repr(settings) and "s3cret" not in server.url
+        store = open_store(as_replicas_get_it.store_url, as_replicas_get_it.store_password.get_secret_value())
+        record = await store.submit(job())
+        assert (await store.get(record.request_id)).request_id == record.request_id
+        await store.close()
+        unauthenticated = open_store(server.url)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            await unauthenticated.get(record.request_id)
+        await unauthenticated.close()
+    finally:
+        server.kill()
+
+
+@needs_redis_server
 async def test_a_redis_killed_and_restarted_with_its_append_only_file_keeps_every_job(tmp_path):
     """A private Redis (AOF on, fsync always) is killed with SIGKILL mid-queue and started again:
     queued, running and completed jobs, their order and their logs are all still there."""

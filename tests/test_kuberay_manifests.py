@@ -441,6 +441,27 @@ def test_the_job_store_is_the_in_cluster_redis_for_the_routers_and_every_queue_a
     assert "externalStorageNamespace" not in gcs  # each RayCluster its own: an upgrade's new cluster starts clean
 
 
+def test_redis_requires_the_secrets_password_and_every_client_of_it_has_it():
+    """Redis, Ray's GCS and the job store (routers, and the Serve controller's queue-aware policy)
+    share one password from one Secret; none of it is in serveConfigV2, which is not a Secret."""
+    from serve_app.config import STORE_PASSWORD_ENV
+
+    secret = one("Secret", "diffusion-serve-redis-auth")
+    wanted = {"name": secret["metadata"]["name"], "key": "password"}
+    assert set(secret["stringData"]) == {"password"}
+    (redis,) = one("StatefulSet", "diffusion-serve-redis")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == wanted  # the probe's redis-cli logs in too
+    assert redis["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    gcs = rayservice()["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert gcs["redisPassword"]["valueFrom"]["secretKeyRef"] == wanted
+    for name, group in ray_groups(rayservice()).items():
+        (entry,) = [e for e in ray_container(group)["env"] if e["name"] == STORE_PASSWORD_ENV]
+        assert entry["valueFrom"]["secretKeyRef"] == wanted and not entry["valueFrom"]["secretKeyRef"].get("optional"), name
+    assert "@" not in AppConfig.from_args(serve_app()["args"]).queue.store_url  # no password in the URL
+    assert AppConfig.from_args(serve_app()["args"]).queue.store_password is None  # the environment's to fill
+
+
 # --- 3. the API keys ---------------------------------------------------------------------------
 
 KEYS_ENV = "DIFFUSION_SERVE_AUTH__KEYS"

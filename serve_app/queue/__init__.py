@@ -8,9 +8,10 @@ from urllib.parse import urlsplit
 from serve_app.queue.store import JobStore
 
 
-def open_store(url: str) -> JobStore:
+def open_store(url: str, password: str | None = None) -> JobStore:
     """`sqlite:///absolute/path.sqlite3` (`sqlite:///~/…` too) for one node, `redis://host:port/db`
-    (or `rediss://`) for a cluster; a Redis URL may end in `#prefix` to share a server."""
+    (or `rediss://`) for a cluster; a Redis URL may end in `#prefix` to share a server. A Redis
+    `password` given here wins over one in the URL."""
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         from serve_app.queue.sqlite_store import SqliteJobStore
@@ -21,5 +22,5 @@ def open_store(url: str) -> JobStore:
         from serve_app.queue.redis_store import RedisJobStore
 
         base, _, prefix = url.partition("#")
-        return RedisJobStore(base, prefix=prefix or "diffusion-serve:")
+        return RedisJobStore(base, prefix=prefix or "diffusion-serve:", password=password)
     raise ValueError(f"unknown job store URL {url!r}: use sqlite:///path/to/jobs.sqlite3 or redis://host:6379/0")

@@ -256,9 +256,9 @@ def _record(fields: dict[str, str | bytes], logs: list[bytes]) -> JobRecord:
 
 
 class RedisJobStore:
-    def __init__(self, url: str, prefix: str = "diffusion-serve:") -> None:
+    def __init__(self, url: str, prefix: str = "diffusion-serve:", password: str | None = None) -> None:
         self.prefix = prefix
-        self.redis = redis.Redis.from_url(url)
+        self.redis = redis.Redis.from_url(url, **({"password": password} if password else {}))
         self._scripts = {
             name: self.redis.register_script(source)
             for name, source in {
