@@ -18,13 +18,13 @@ import json
 import math
 import secrets
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from serve_app.config import ApiKey, AuthSettings
 from serve_app.errors import FalError
+from serve_app.rate_limits import LocalRateLimiter, RateLimiter
 
 ANONYMOUS = "anonymous"
 MAX_TOKEN_TTL_S = 3600
@@ -51,32 +51,8 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-class RateLimiter:
-    """A token bucket per key: `requests_per_minute` on average, bursts up to a minute's worth.
-
-    Per router replica: with N replicas a key gets up to N times its rate in the worst case (the
-    proxy spreads its requests over them)."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, last refill)
-        self._lock = threading.Lock()
-
-    def admit(self, key_id: str, per_minute: float) -> float:
-        """0 if admitted, else the seconds until the next request would be."""
-        now = time.monotonic()
-        rate = per_minute / 60.0
-        with self._lock:
-            tokens, last = self._buckets.get(key_id, (per_minute, now))
-            tokens = min(per_minute, tokens + (now - last) * rate)
-            if tokens >= 1:
-                self._buckets[key_id] = (tokens - 1, now)
-                return 0.0
-            self._buckets[key_id] = (tokens, now)
-            return (1 - tokens) / rate
-
-
 class Authenticator:
-    def __init__(self, settings: AuthSettings) -> None:
+    def __init__(self, settings: AuthSettings, limiter: RateLimiter | None = None) -> None:
         self.settings = settings
         self._by_hash: dict[str, ApiKey] = {key.sha256.lower(): key for key in settings.keys}
         if settings.token_secret is not None:
@@ -86,7 +62,7 @@ class Authenticator:
             # keep tokens valid across key rotations.
             secret = hashlib.sha256(b"diffusion-serve tokens\n" + "\n".join(sorted(self._by_hash)).encode()).digest()
         self._token_key = secret
-        self.limiter = RateLimiter()
+        self.limiter: RateLimiter = limiter or LocalRateLimiter()
 
     # --- keys -------------------------------------------------------------------------------
 
@@ -106,11 +82,11 @@ class Authenticator:
             raise FalError(401, "invalid API key", "unauthorized")
         return Caller(key.id, key.requests_per_minute if key.requests_per_minute is not None else self.settings.default_requests_per_minute)
 
-    def admit(self, caller: Caller) -> None:
+    async def admit(self, caller: Caller) -> None:
         """429 with `Retry-After` when the caller is over its rate (fal's clients retry 429s)."""
         if caller.requests_per_minute is None:
             return
-        wait = self.limiter.admit(caller.key_id, caller.requests_per_minute)
+        wait = await self.limiter.admit(caller.key_id, caller.requests_per_minute)
         if wait > 0:
             raise FalError(
                 429, f"rate limit of {caller.requests_per_minute:g} requests per minute reached; retry in {math.ceil(wait)} s", "rate_limited",

@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import Authenticator
+from serve_app.rate_limits import SharedRateLimiter
 from serve_app.autoscaling import CPU_METRIC, CpuGauge
 from serve_app.config import AppConfig
 from serve_app.errors import FalError, InputError, fal_error_response, install_error_handlers
@@ -125,7 +126,7 @@ class AuthMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         try:
             caller = authenticator.caller_from_header(headers.get("authorization"))
-            authenticator.admit(caller)
+            await authenticator.admit(caller)
         except FalError as exc:
             await fal_error_response(exc)(scope, receive, send)
             return
@@ -211,7 +212,10 @@ class Router:
         self, stable_diffusion: DeploymentHandle, lcm: DeploymentHandle, flux: DeploymentHandle, config: dict[str, Any] | None = None
     ) -> None:
         self.config = AppConfig.from_args(config)
-        self.authenticator = Authenticator(self.config.auth)
+        password = self.config.queue.store_password
+        self.jobs = open_store(self.config.queue.store_url, password.get_secret_value() if password else None)
+        # Rate limits in the job store: one bucket per key for every router replica.
+        self.authenticator = Authenticator(self.config.auth, SharedRateLimiter(self.jobs))
         api.state.authenticator = self.authenticator
         self.store = make_output_store(self.config.files)
         self.inputs = InputFiles(self.config, self.store)
@@ -220,8 +224,6 @@ class Router:
         self.flux = FluxService(flux, self.config, self.inputs, self.store)
         # fal's queue: jobs wait in the durable store; this replica's dispatcher runs some of them.
         endpoints = self._queued_endpoints()
-        password = self.config.queue.store_password
-        self.jobs = open_store(self.config.queue.store_url, password.get_secret_value() if password else None)
         self.queue = QueueService(self.jobs, endpoints, self.config.queue, self.config.network)
         api.state.sync_runs = SyncRunLimit(self.jobs, self.config.queue.max_running_per_key)
         worker = serve.get_replica_context().replica_id.unique_id
@@ -285,7 +287,7 @@ class Router:
         await websocket.accept()
         try:
             caller = self.authenticator.caller_of_socket(websocket.headers, websocket.query_params, "fal-ai/lcm")
-            self.authenticator.admit(caller)
+            await self.authenticator.admit(caller)
         except FalError as exc:
             await websocket.send_text(json.dumps({"type": "x-fal-error", "error": exc.error_type.upper(), "reason": exc.detail}))
             await websocket.close(code=1008)

@@ -116,8 +116,10 @@ class RayNodes:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        # Code on the nodes' path, as the container image has it baked in.
-        self.env.update(RAY_TMPDIR=str(self.ray_tmp), PYTHONPATH=str(ROOT), **(env or {}))
+        # Code on the nodes' path, as the container image has it baked in. Token authentication
+        # on every node alike (Ray turns it on for a head when ~/.ray/auth_token exists, which a
+        # local ray.init() writes, but not for a joining worker unless told).
+        self.env.update(RAY_TMPDIR=str(self.ray_tmp), PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", **(env or {}))
         self.metrics_ports: dict[str, int] = {}
         self._free_port = free_port
 

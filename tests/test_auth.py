@@ -23,8 +23,8 @@ from serve_app.errors import FalError
 from tests.conftest import LIMITED_KEY, TEST_KEY
 
 
-def keyed(**extra) -> Authenticator:
-    return Authenticator(AuthSettings(keys=[{"id": "alice", "sha256": hash_key("alice:s3cret")}], **extra))
+def keyed(limiter=None, **extra) -> Authenticator:
+    return Authenticator(AuthSettings(keys=[{"id": "alice", "sha256": hash_key("alice:s3cret")}], **extra), limiter)
 
 
 def refusal(call) -> FalError:
@@ -71,14 +71,18 @@ def test_the_key_generator_prints_a_key_whose_hash_it_configures(capsys):
 # --- rate limits --------------------------------------------------------------------------
 
 
+def admit(auth: Authenticator, caller: Caller) -> None:
+    asyncio.run(auth.admit(caller))
+
+
 def test_a_key_over_its_rate_gets_429_with_retry_after():
     auth = keyed()
     caller = Caller("alice", requests_per_minute=2)
-    auth.admit(caller)
-    auth.admit(caller)
-    error = refusal(lambda: auth.admit(caller))
+    admit(auth, caller)
+    admit(auth, caller)
+    error = refusal(lambda: admit(auth, caller))
     assert error.status_code == 429 and int(error.headers["Retry-After"]) >= 1
-    auth.admit(Caller("bob", requests_per_minute=2))  # buckets are per key
+    admit(auth, Caller("bob", requests_per_minute=2))  # buckets are per key
 
 
 def test_the_bucket_refills_at_the_configured_rate(monkeypatch):
@@ -87,11 +91,49 @@ def test_the_bucket_refills_at_the_configured_rate(monkeypatch):
     auth = keyed()
     caller = Caller("alice", requests_per_minute=60)  # one a second, bursts of 60
     for _ in range(60):
-        auth.admit(caller)
-    refusal(lambda: auth.admit(caller))
+        admit(auth, caller)
+    refusal(lambda: admit(auth, caller))
     now[0] += 1.0
-    auth.admit(caller)
-    refusal(lambda: auth.admit(caller))
+    admit(auth, caller)
+    refusal(lambda: admit(auth, caller))
+
+
+def test_router_replicas_on_one_store_share_a_keys_bucket(tmp_path):
+    """Two authenticators (two router replicas) on one job store: the key's rate is the key's,
+    not each replica's."""
+    from serve_app.queue.sqlite_store import SqliteJobStore
+    from serve_app.rate_limits import SharedRateLimiter
+
+    async def scenario() -> list[int]:
+        stores = [SqliteJobStore(tmp_path / "jobs.sqlite3") for _ in range(2)]
+        replicas = [keyed(limiter=None) for _ in stores]
+        for replica, store in zip(replicas, stores):
+            replica.limiter = SharedRateLimiter(store)
+        codes = []
+        for i in range(6):
+            try:
+                await replicas[i % 2].admit(Caller("alice", requests_per_minute=3))
+                codes.append(200)
+            except FalError as exc:
+                codes.append(exc.status_code)
+        for store in stores:
+            await store.close()
+        return codes
+
+    assert asyncio.run(scenario()) == [200, 200, 200, 429, 429, 429]
+
+
+def test_a_store_that_cannot_be_reached_falls_back_to_the_replicas_own_buckets():
+    from serve_app.rate_limits import SharedRateLimiter
+
+    class DownStore:
+        async def take_token(self, *args):
+            raise ConnectionError("redis is down")
+
+    auth = keyed(limiter=SharedRateLimiter(DownStore()))
+    caller = Caller("alice", requests_per_minute=1)
+    admit(auth, caller)  # admitted, not refused for the store's sake
+    assert refusal(lambda: admit(auth, caller)).status_code == 429  # and still limited
 
 
 # --- tokens -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.tiny_models import ensure_tiny_model
-from tests.conftest import ALLOWED_NETWORK, AUTH_HEADERS, TEST_AUTH, free_port
+from tests.conftest import ALLOWED_NETWORK, AUTH_HEADERS, LIMITED_KEY, TEST_AUTH, free_port
 from tests.private_redis import PrivateRedis, needs_redis_server
 from tests.serve_cluster import ROOT, RayNodes
 
@@ -198,3 +199,11 @@ def test_routers_on_both_nodes_answer_for_jobs_in_the_one_store(cluster):
     # Every call reached one of the two routers, and both took a share: the router that took a job
     # and the one that answered for it were not always the same, yet every answer was right.
     assert sum(served.values()) == calls and all(served.values()), served
+
+
+def test_a_keys_rate_limit_holds_across_the_routers_on_both_nodes(cluster):
+    """LIMITED_KEY may make two requests a minute: the routers take from one bucket in Redis, so
+    two of six get through, not two per router."""
+    headers = {"Authorization": f"Key {LIMITED_KEY}"}
+    codes = [cluster.http.get(f"/queue/fal-ai/lora/requests/{uuid.uuid4()}/status", headers=headers).status_code for _ in range(6)]
+    assert codes.count(429) == 4 and codes.count(404) == 2, codes  # 404: admitted, no such job

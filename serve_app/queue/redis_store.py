@@ -58,6 +58,24 @@ local function complete(p, id, status_code, body, metrics, finished_at)
 end
 """
 
+# A token bucket on the server's clock (one clock for every router): KEYS[1] the bucket,
+# ARGV capacity, refill per second. Returns the wait as a string (Lua numbers would truncate).
+_TAKE_TOKEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local capacity, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens = capacity
+if state[1] then
+  tokens = math.min(capacity, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * rate)
+end
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 60000)
+return tostring(wait)
+"""
+
 _SUBMIT = """
 local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local max_queued, max_per_key = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -264,7 +282,7 @@ class RedisJobStore:
             for name, source in {
                 "submit": _SUBMIT, "claim": _CLAIM, "renew": _RENEW, "finish": _FINISH,
                 "cancel": _CANCEL, "requeue": _REQUEUE, "purge": _PURGE,
-                "claim_webhook": _CLAIM_WEBHOOK, "webhook_attempted": _WEBHOOK_ATTEMPTED,
+                "claim_webhook": _CLAIM_WEBHOOK, "webhook_attempted": _WEBHOOK_ATTEMPTED, "take_token": _TAKE_TOKEN,
             }.items()
         }
 
@@ -381,6 +399,9 @@ class RedisJobStore:
         state = "delivered" if delivered else ("pending" if retry_at is not None else "failed")
         args = [self.prefix, request_id, worker, state, error or "", retry_at if retry_at is not None else ""]
         return bool(await self._scripts["webhook_attempted"](args=args))
+
+    async def take_token(self, bucket: str, capacity: float, refill_per_s: float) -> float:
+        return float(await self._scripts["take_token"](keys=[self._key("bucket", bucket)], args=[capacity, refill_per_s]))
 
     async def shared_value(self, name: str, make: bytes) -> bytes:
         key = self._key("shared", name)

@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS webhooks (
 );
 CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, due_at);
 CREATE TABLE IF NOT EXISTS shared_values (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS rate_buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL);
 """
 
 # How many queued jobs a claim looks past when the first ones' keys are at their running limit.
@@ -398,6 +399,21 @@ class SqliteJobStore:
             return cursor.rowcount == 1
 
         return await self._run(attempted)
+
+    async def take_token(self, bucket: str, capacity: float, refill_per_s: float) -> float:
+        def take(db: sqlite3.Connection) -> float:
+            t = now()
+            row = db.execute("SELECT tokens, updated FROM rate_buckets WHERE name = ?", (bucket,)).fetchone()
+            tokens = capacity if row is None else min(capacity, row["tokens"] + max(0.0, t - row["updated"]) * refill_per_s)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / refill_per_s
+            db.execute(
+                "INSERT INTO rate_buckets (name, tokens, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET tokens = excluded.tokens, updated = excluded.updated",
+                (bucket, tokens - 1 if wait == 0.0 else tokens, t),
+            )
+            return wait
+
+        return await self._run(self._transaction, take)
 
     async def shared_value(self, name: str, make: bytes) -> bytes:
         def shared(db: sqlite3.Connection) -> bytes:

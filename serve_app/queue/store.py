@@ -179,6 +179,11 @@ class JobStore(Protocol):
         """Record an attempt: delivered, failed for good (`retry_at` None), or due again at
         `retry_at`. False when `worker` no longer held the delivery."""
 
+    async def take_token(self, bucket: str, capacity: float, refill_per_s: float) -> float:
+        """A token bucket every user of the store shares (rate limits): 0 if a token was taken,
+        else the seconds until one will be there. Full (`capacity`) when first used."""
+        ...
+
     async def shared_value(self, name: str, make: bytes) -> bytes:
         """The value stored under `name`, storing `make` first if there is none: what every
         router sharing this store must agree on (the webhook signing key)."""
