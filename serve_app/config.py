@@ -123,7 +123,7 @@ class AuthSettings(_Frozen):
 
     open: bool = Field(False, description="let every request in without a key (the demo profile's choice; never on a public address)")
     keys: list[ApiKey] = Field(default_factory=list)
-    default_requests_per_minute: float | None = Field(None, gt=0, description="rate limit of keys without their own (per router replica)")
+    default_requests_per_minute: float | None = Field(None, gt=0, description="rate limit of keys without their own (one bucket per key, shared by the routers on the job store)")
     token_secret: SecretStr | None = Field(None, description="signs POST /tokens/ tokens; default derived from the key hashes")
     token_ttl_s: float = Field(120.0, gt=0, le=3600, description="lifetime of tokens when the request names none")
 
