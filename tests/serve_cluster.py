@@ -174,5 +174,37 @@ class RayNodes:
         """The Prometheus text one node's metrics agent exports: what runs on that node only."""
         return httpx.get(f"http://127.0.0.1:{self.metrics_ports[name]}/metrics", timeout=10).text
 
+    def node_pids(self, name: str) -> list[int]:
+        """A node's raylet (known by its metrics port) and every process under it."""
+        flag = f"--metrics_export_port={self.metrics_ports[name]}".encode()
+        children: dict[int, list[int]] = {}
+        raylet = None
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+            if b"raylet" in cmdline.split(b"\0")[0] and flag in cmdline:
+                raylet = int(entry.name)
+        assert raylet is not None, f"no raylet for node {name}"
+        pids, todo = [], [raylet]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo.extend(children.get(pid, []))
+        return pids
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL to one node's processes at once: the machine went down."""
+        for pid in self.node_pids(name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def kill(self) -> None:
         kill_cluster(self.ray_tmp)

@@ -11,11 +11,14 @@ where one machine differs from a real cluster:
 
 What it shows: replicas on both workers answer requests; an adapter is downloaded once for the
 whole cluster and stored once on each node that uses it; the routers on both nodes answer for jobs
-in one shared store, whichever of them took the job.
+in one shared store, whichever of them took the job, and share each key's rate limit; and when a
+worker node dies (its processes SIGKILLed at once), every accepted job still ends with its image,
+served by the node that is left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import hashlib
 import time
@@ -29,6 +32,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.tiny_models import ensure_tiny_model
+from serve_app.queue import open_store
 from tests.conftest import ALLOWED_NETWORK, AUTH_HEADERS, LIMITED_KEY, TEST_AUTH, free_port
 from tests.private_redis import PrivateRedis, needs_redis_server
 from tests.serve_cluster import ROOT, RayNodes
@@ -46,7 +50,8 @@ def production_on_one_machine(workdir: Path, port: int, store_url: str) -> Path:
     (app,) = config["applications"]
     args = app["args"]
     args.update(profile="demo", network=ALLOWED_NETWORK, auth={**args["auth"], **TEST_AUTH}, files={**args["files"], "directory": str(workdir / "files")})
-    args["queue"] = {**args["queue"], "store_url": store_url}
+    # Leases of 5 s rather than 30: the node-loss test waits one out.
+    args["queue"] = {**args["queue"], "store_url": store_url, "lease_s": 5.0}
     assert "weights" not in args, "production.yaml sets no weights cache: each node resolves its own"
     by_name = {d["name"]: d for d in app["deployments"]}
     for deployment in by_name.values():
@@ -64,10 +69,11 @@ def production_on_one_machine(workdir: Path, port: int, store_url: str) -> Path:
 
 
 class Cluster:
-    def __init__(self, nodes: RayNodes, http: httpx.Client, workdir: Path) -> None:
+    def __init__(self, nodes: RayNodes, http: httpx.Client, workdir: Path, store_url: str) -> None:
         self.nodes = nodes
         self.http = http
         self.workdir = workdir
+        self.store_url = store_url
 
     def node_names(self) -> dict[str, str]:
         """node_id -> the name the test gave it (`head` for the one without a label)."""
@@ -125,7 +131,7 @@ def cluster() -> Iterator[Cluster]:
             nodes.add_worker(worker, "--num-cpus=8", "--num-gpus=2", env={"DIFFUSION_SERVE_WEIGHTS__CACHE_DIR": str(workdir / worker / "weights")})
         nodes.serve_deploy(production_on_one_machine(workdir, port, redis_server.url))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH_HEADERS, timeout=120) as http:
-            running = Cluster(nodes, http, workdir)
+            running = Cluster(nodes, http, workdir, redis_server.url)
             wait_until_deployed(running)
             yield running
     finally:
@@ -207,3 +213,48 @@ def test_a_keys_rate_limit_holds_across_the_routers_on_both_nodes(cluster):
     headers = {"Authorization": f"Key {LIMITED_KEY}"}
     codes = [cluster.http.get(f"/queue/fal-ai/lora/requests/{uuid.uuid4()}/status", headers=headers).status_code for _ in range(6)]
     assert codes.count(429) == 4 and codes.count(404) == 2, codes  # 404: admitted, no such job
+
+
+def test_when_a_worker_node_dies_every_accepted_job_still_ends_with_its_image(cluster):
+    """Last in this module: it takes worker-b away. Its router's claimed jobs wait out their lease
+    and run again; its SD replica's job is given back; the router and SD on worker-a serve on."""
+    jobs = [cluster.http.post("/queue/fal-ai/lora", json={**SMALL, "num_inference_steps": 12, "seed": seed}).json() for seed in range(8)]
+    for _ in range(300):
+        if any(cluster.http.get(j["status_url"]).json()["status"] == "IN_PROGRESS" for j in jobs):
+            break
+        time.sleep(0.05)
+    cluster.nodes.kill_node("worker-b")
+
+    results: dict[str, httpx.Response] = {}
+    deadline = time.monotonic() + 240
+    while len(results) < len(jobs) and time.monotonic() < deadline:
+        for job in jobs:
+            if job["request_id"] in results:
+                continue
+            try:
+                if cluster.http.get(job["status_url"]).status_code == 200:
+                    results[job["request_id"]] = cluster.http.get(job["response_url"])
+            except httpx.HTTPError:
+                pass  # the proxy's call reached the dead router: the next poll goes elsewhere
+        time.sleep(0.2)
+    assert len(results) == len(jobs), f"{len(jobs) - len(results)} accepted jobs never ended"
+    assert sorted(r.json()["seed"] for r in results.values()) == list(range(8))
+    assert all(r.status_code == 200 and r.json()["images"] for r in results.values())
+
+    async def attempts() -> list[int]:
+        store = open_store(cluster.store_url)
+        records = [await store.get(job["request_id"]) for job in jobs]
+        await store.close()
+        return [r.attempts for r in records]
+
+    assert max(asyncio.run(attempts())) >= 2  # the dead node's share of the work really ran again
+    # Ray marks the node dead once its health checks fail; Serve then drops its replicas.
+    deadline = time.monotonic() + 120
+    while True:
+        states = {n["labels"].get("diffusion-serve/node"): n["state"] for n in cluster.nodes.nodes()}
+        survivor = cluster.replica_nodes()
+        if states["worker-b"] == "DEAD" and survivor["Router"] == survivor["StableDiffusion"] == ["worker-a"]:
+            break
+        assert time.monotonic() < deadline, (states, survivor)
+        time.sleep(1)
+    assert cluster.http.post("/fal-ai/lora", json=SMALL).status_code == 200
