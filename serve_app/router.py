@@ -20,7 +20,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.auth import Authenticator
-from serve_app.rate_limits import SharedRateLimiter
 from serve_app.autoscaling import CPU_METRIC, CpuGauge
 from serve_app.config import AppConfig
 from serve_app.errors import FalError, InputError, fal_error_response, install_error_handlers
@@ -31,6 +30,7 @@ from serve_app.queue.dispatcher import Dispatcher, Endpoint, app_of
 from serve_app.queue.service import QueueService
 from serve_app.queue.sync_admission import SyncRunLimit
 from serve_app.queue.webhooks import Deliverer, SigningKeys
+from serve_app.rate_limits import SharedRateLimiter
 from serve_app.realtime import BadFrame, RealtimeSession, max_buffering_of
 from serve_app.schemas.auth import TokenRequest
 from serve_app.schemas.flux import FluxImageToImageInput, FluxInpaintInput, FluxOutput, FluxTextToImageInput

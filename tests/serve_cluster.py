@@ -141,7 +141,7 @@ class RayNodes:
         ]
         log = self.workdir / f"ray-start-{name}.log"
         with log.open("ab") as out:
-            done = subprocess.run(command, cwd=self.workdir, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, timeout=180)
+            done = subprocess.run(command, cwd=self.workdir, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, timeout=180, check=False)
         assert done.returncode == 0, f"ray start of {name} failed:\n{log.read_text()[-3000:]}"
 
     def start_head(self, *args: str, env: dict[str, str] | None = None) -> RayNodes:
@@ -162,7 +162,7 @@ class RayNodes:
 
     def serve_deploy(self, config: Path) -> None:
         serve = str(Path(sys.executable).parent / "serve")
-        done = subprocess.run([serve, "deploy", str(config), f"--address={self.dashboard}"], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=180)
+        done = subprocess.run([serve, "deploy", str(config), f"--address={self.dashboard}"], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=180, check=False)
         assert done.returncode == 0, f"serve deploy failed:\n{done.stdout}\n{done.stderr}"
 
     def serve_details(self) -> dict:

@@ -406,7 +406,7 @@ async def test_a_token_bucket_is_shared_by_every_handle_and_refills_on_the_store
     waits = [await (first if i % 2 else second).take_token("rate:alice", 2, 10.0) for i in range(3)]
     assert waits[:2] == [0.0, 0.0] and 0 < waits[2] <= 0.1  # full at 2, then one token per 0.1 s
     assert await first.take_token("rate:bob", 2, 10.0) == 0.0  # buckets are by name
-    time.sleep(0.15)
+    await asyncio.sleep(0.15)
     assert await second.take_token("rate:alice", 2, 10.0) == 0.0
     await first.close()
     await second.close()
