@@ -121,6 +121,7 @@ class RayNodes:
         # local ray.init() writes, but not for a joining worker unless told).
         self.env.update(RAY_TMPDIR=str(self.ray_tmp), PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", **(env or {}))
         self.metrics_ports: dict[str, int] = {}
+        self.workers: list[str] = []
         self._free_port = free_port
 
     @property
@@ -145,6 +146,7 @@ class RayNodes:
         assert done.returncode == 0, f"ray start of {name} failed:\n{log.read_text()[-3000:]}"
 
     def start_head(self, *args: str, env: dict[str, str] | None = None) -> RayNodes:
+        self._head = (args, env)
         self._ray_start("head", [
             "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
             f"--ray-client-server-port={self._free_port()}", *args,
@@ -153,6 +155,33 @@ class RayNodes:
 
     def add_worker(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         self._ray_start(name, [f"--address={self.address}", f"--labels=diffusion-serve/node={name}", *args], env)
+        self.workers.append(name)
+
+    def kill_head(self) -> None:
+        """SIGKILL to every process of the cluster but the workers' (GCS, dashboard, the head's
+        raylet and what runs on it): the head machine went down."""
+        on_workers = {pid for name in self.workers for pid in self.node_pids(name)}
+        for _ in range(50):
+            head = [pid for pid in cluster_pids(self.ray_tmp) if pid not in on_workers]
+            if not head:
+                return
+            for pid in head:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        raise AssertionError(f"head processes still alive: {head}")
+
+    def restart_head(self) -> None:
+        """The head again, at the same address, with the arguments it first had."""
+        args, env = self._head
+        # A new head machine has no record of the old cluster on its disk. (Ray refuses to start
+        # a head where that record and a live process name the same address: here, the workers'
+        # raylets, which share this machine.)
+        for record in self.ray_tmp.rglob("ray_current_cluster"):
+            record.unlink()
+        self.start_head(*args, env=env)
 
     def nodes(self) -> list[dict]:
         """The cluster's nodes as the dashboard lists them (node_id, labels, resources_total, state)."""
