@@ -13,13 +13,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from serve_app.queue.store import JobStore
+if TYPE_CHECKING:
+    from serve_app.queue.store import JobStore
 
 logger = logging.getLogger("diffusion_serve.rate_limits")
 
 STORE_WARNING_INTERVAL_S = 60.0
+
+
+def take_from_bucket(tokens: float, elapsed_s: float, capacity: float, per_s: float) -> tuple[float, float]:
+    """A bucket that held `tokens` `elapsed_s` ago, refilled and asked for one: (tokens left, 0)
+    if it had one, else (tokens, seconds until it will). The Redis store runs the same in Lua."""
+    tokens = min(capacity, tokens + max(0.0, elapsed_s) * per_s)
+    if tokens >= 1:
+        return tokens - 1, 0.0
+    return tokens, (1 - tokens) / per_s
 
 
 class RateLimiter(Protocol):
@@ -37,15 +47,11 @@ class LocalRateLimiter:
 
     def take(self, key_id: str, per_minute: float) -> float:
         now = time.monotonic()
-        rate = per_minute / 60.0
         with self._lock:
             tokens, last = self._buckets.get(key_id, (per_minute, now))
-            tokens = min(per_minute, tokens + (now - last) * rate)
-            if tokens >= 1:
-                self._buckets[key_id] = (tokens - 1, now)
-                return 0.0
+            tokens, wait = take_from_bucket(tokens, now - last, per_minute, per_minute / 60.0)
             self._buckets[key_id] = (tokens, now)
-            return (1 - tokens) / rate
+            return wait
 
     async def admit(self, key_id: str, per_minute: float) -> float:
         return self.take(key_id, per_minute)

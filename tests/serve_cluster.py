@@ -39,10 +39,11 @@ def cluster_pids(marker: Path) -> list[int]:
     return pids
 
 
-def kill_cluster(marker: Path) -> None:
-    """SIGKILL every process of the cluster whose temp dir is `marker`, until none is left."""
+def kill_cluster(marker: Path, spare: frozenset[int] = frozenset()) -> None:
+    """SIGKILL every process of the cluster whose temp dir is `marker` (but those in `spare`),
+    until none is left."""
     for _ in range(100):
-        left = cluster_pids(marker)
+        left = [pid for pid in cluster_pids(marker) if pid not in spare]
         if not left:
             return
         for pid in left:
@@ -51,7 +52,7 @@ def kill_cluster(marker: Path) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
-    raise AssertionError(f"processes of the killed cluster are still alive: {cluster_pids(marker)}")
+    raise AssertionError(f"processes of the killed cluster are still alive: {[p for p in cluster_pids(marker) if p not in spare]}")
 
 
 class ServeRun:
@@ -160,18 +161,7 @@ class RayNodes:
     def kill_head(self) -> None:
         """SIGKILL to every process of the cluster but the workers' (GCS, dashboard, the head's
         raylet and what runs on it): the head machine went down."""
-        on_workers = {pid for name in self.workers for pid in self.node_pids(name)}
-        for _ in range(50):
-            head = [pid for pid in cluster_pids(self.ray_tmp) if pid not in on_workers]
-            if not head:
-                return
-            for pid in head:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        raise AssertionError(f"head processes still alive: {head}")
+        kill_cluster(self.ray_tmp, spare=frozenset(pid for name in self.workers for pid in self.node_pids(name)))
 
     def restart_head(self) -> None:
         """The head again, at the same address, with the arguments it first had."""

@@ -27,6 +27,7 @@ from serve_app.queue.store import (
     new_gateway_id,
     now,
 )
+from serve_app.rate_limits import take_from_bucket
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -404,12 +405,11 @@ class SqliteJobStore:
         def take(db: sqlite3.Connection) -> float:
             t = now()
             row = db.execute("SELECT tokens, updated FROM rate_buckets WHERE name = ?", (bucket,)).fetchone()
-            tokens = capacity if row is None else min(capacity, row["tokens"] + max(0.0, t - row["updated"]) * refill_per_s)
-            wait = 0.0 if tokens >= 1 else (1 - tokens) / refill_per_s
+            tokens, wait = take_from_bucket(*((row["tokens"], t - row["updated"]) if row else (capacity, 0.0)), capacity, refill_per_s)
             db.execute(
                 "INSERT INTO rate_buckets (name, tokens, updated) VALUES (?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET tokens = excluded.tokens, updated = excluded.updated",
-                (bucket, tokens - 1 if wait == 0.0 else tokens, t),
+                (bucket, tokens, t),
             )
             return wait
 
