@@ -59,7 +59,7 @@ async def store(reopen):
 
 
 def job(app: str = "fal-ai/lora", key: str = "alice", **fields) -> NewJob:
-    return NewJob(app=app, endpoint=fields.pop("endpoint", app), payload=b'{"prompt": "a cat"}', key_id=key, **fields)
+    return NewJob(app=app, endpoint=fields.pop("endpoint", app), payload=fields.pop("payload", b'{"prompt": "a cat"}'), key_id=key, **fields)
 
 
 async def test_a_submitted_job_is_queued_with_its_fields(store):
@@ -410,3 +410,21 @@ async def test_a_token_bucket_is_shared_by_every_handle_and_refills_on_the_store
     assert await second.take_token("rate:alice", 2, 10.0) == 0.0
     await first.close()
     await second.close()
+
+
+async def test_a_light_read_is_the_whole_record_but_the_bodies_and_logs(store):
+    """What status polls read: every field but the payload and result (and the logs unless asked),
+    the same on both stores, so a field the light read forgot would show here."""
+    import dataclasses
+
+    record = await store.submit(job(payload=b'{"image_url": "data:image/png;base64,' + b"A" * 100_000 + b'"}', webhook_url="https://hooks.example.com/x"))
+    await store.claim("w", 30)
+    await store.append_log(record.request_id, {"message": "step 1/2"})
+    await store.finish(record.request_id, "w", Outcome(200, b'{"images": ["' + b"B" * 100_000 + b'"]}', {"inference_time": 0.5}))
+    full = await store.get(record.request_id)
+    light = await store.get(record.request_id, bodies=False, logs=False)
+    assert light.payload == b"" and light.result is None and light.logs == []
+    assert dataclasses.replace(full, payload=b"", result=None, logs=[]) == light
+    assert (await store.get(record.request_id, bodies=False)).logs == [{"message": "step 1/2"}]
+    assert await store.get(record.request_id, "fal-ai/flux-lora", bodies=False) is None  # another app's id
+    assert await store.get("no-such-id", bodies=False) is None

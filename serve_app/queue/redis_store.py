@@ -273,6 +273,14 @@ def _record(fields: dict[str, str | bytes], logs: list[bytes]) -> JobRecord:
     )
 
 
+# Every field of a job's hash but the bodies (payload, result): what a status poll reads.
+_LIGHT_FIELDS = (
+    "request_id", "app", "endpoint", "key_id", "base_url", "priority", "webhook_url", "no_retry", "start_deadline",
+    "runner_hint", "state", "gateway_request_id", "attempts", "created_at", "started_at", "finished_at", "lease_owner",
+    "lease_until", "cancel_requested", "status_code", "metrics", "webhook_state", "webhook_attempts", "webhook_error",
+)
+
+
 class RedisJobStore:
     def __init__(self, url: str, prefix: str = "diffusion-serve:", password: str | None = None) -> None:
         self.prefix = prefix
@@ -313,14 +321,22 @@ class RedisJobStore:
         assert record is not None
         return record
 
-    async def get(self, request_id: str, app: str | None = None) -> JobRecord | None:
+    async def get(self, request_id: str, app: str | None = None, bodies: bool = True, logs: bool = True) -> JobRecord | None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._key("job", request_id))
-            pipe.lrange(self._key("logs", request_id), 0, -1)
-            fields, logs = await pipe.execute()
+            if bodies:
+                pipe.hgetall(self._key("job", request_id))
+            else:
+                pipe.hmget(self._key("job", request_id), _LIGHT_FIELDS)
+            if logs:
+                pipe.lrange(self._key("logs", request_id), 0, -1)
+            replies = await pipe.execute()
+        if bodies:
+            fields = {k.decode(): v for k, v in replies[0].items()}
+        else:
+            fields = {name: value for name, value in zip(_LIGHT_FIELDS, replies[0]) if value is not None}
         if not fields:
             return None
-        record = _record({k.decode(): v for k, v in fields.items()}, logs)
+        record = _record(fields, replies[1] if logs else [])
         return record if app is None or record.app == app else None
 
     async def position(self, request_id: str) -> int | None:

@@ -91,8 +91,8 @@ class QueueService:
             }
         )
 
-    async def _own(self, app: str, request_id: str, caller: Caller) -> JobRecord:
-        record = await self.store.get(request_id, app)
+    async def _own(self, app: str, request_id: str, caller: Caller, bodies: bool = True, logs: bool = True) -> JobRecord:
+        record = await self.store.get(request_id, app, bodies=bodies, logs=logs)
         if record is None or (caller.key_id != ANONYMOUS and record.key_id != caller.key_id):
             raise FalError(404, f"request {request_id!r} not found", "not_found")
         return record
@@ -105,6 +105,8 @@ class QueueService:
         if record.state is JobState.COMPLETED:
             body["metrics"] = record.metrics
             if record.status_code and record.status_code >= 400:
+                if record.result is None:  # read without bodies: an error's is small, fetch it
+                    record = await self.store.get(record.request_id, logs=False) or record
                 error = json.loads(record.result or b"{}")
                 detail = error.get("detail")
                 body["error"] = detail if isinstance(detail, str) else f"Invalid status code: {record.status_code}"
@@ -112,19 +114,20 @@ class QueueService:
         return body
 
     async def status(self, app: str, request_id: str, logs: str | None, caller: Caller, base_url: str) -> JSONResponse:
-        record = await self._own(app, request_id, caller)
-        body = await self._status_body(record, (logs or "").lower() in TRUE, base_url)
+        with_logs = (logs or "").lower() in TRUE
+        record = await self._own(app, request_id, caller, bodies=False, logs=with_logs)
+        body = await self._status_body(record, with_logs, base_url)
         return JSONResponse(body, status_code=200 if record.state is JobState.COMPLETED else 202)
 
     async def status_stream(self, app: str, request_id: str, logs: str | None, caller: Caller, base_url: str) -> AsyncIterator[str]:
         """`data: <status>` whenever it changes, `: ping` in silences, closed after COMPLETED."""
-        await self._own(app, request_id, caller)  # 404 before the stream starts
         with_logs = (logs or "").lower() in TRUE
+        await self._own(app, request_id, caller, bodies=False, logs=False)  # 404 before the stream starts
 
         async def events() -> AsyncIterator[str]:
             last, quiet = None, 0.0
             while True:
-                record = await self.store.get(request_id, app)
+                record = await self.store.get(request_id, app, bodies=False, logs=with_logs)
                 if record is None:
                     return
                 body = json.dumps(await self._status_body(record, with_logs, base_url))
@@ -156,7 +159,7 @@ class QueueService:
 
     async def cancel(self, app: str, request_id: str, caller: Caller) -> JSONResponse:
         try:
-            record = await self._own(app, request_id, caller)
+            record = await self._own(app, request_id, caller, bodies=False, logs=False)
         except FalError:
             return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
         outcome = await self.store.cancel(request_id, app)

@@ -78,6 +78,12 @@ CREATE TABLE IF NOT EXISTS shared_values (name TEXT PRIMARY KEY, value BLOB NOT 
 CREATE TABLE IF NOT EXISTS rate_buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL);
 """
 
+# Every column of `jobs` but the bodies (payload, result): what a status poll reads.
+_LIGHT_COLUMNS = ", ".join(
+    line.split()[0] for line in SCHEMA.split("CREATE TABLE IF NOT EXISTS jobs (")[1].split(");")[0].strip().splitlines()
+    if line.split()[0] not in ("payload", "result")
+)
+
 # How many queued jobs a claim looks past when the first ones' keys are at their running limit.
 CLAIM_WINDOW = 256
 
@@ -193,17 +199,18 @@ class SqliteJobStore:
         assert record is not None
         return record
 
-    def _get(self, request_id: str, app: str | None) -> JobRecord | None:
+    def _get(self, request_id: str, app: str | None, bodies: bool = True, logs: bool = True) -> JobRecord | None:
         db = self._conn()
-        row = db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        columns = "*" if bodies else f"{_LIGHT_COLUMNS}, x'' AS payload, NULL AS result"
+        row = db.execute(f"SELECT {columns} FROM jobs WHERE request_id = ?", (request_id,)).fetchone()  # noqa: S608 - constant columns
         if row is None or (app is not None and row["app"] != app):
             return None
-        logs = [json.loads(entry) for (entry,) in db.execute("SELECT entry FROM job_logs WHERE request_id = ? ORDER BY id", (request_id,))]
+        entries = db.execute("SELECT entry FROM job_logs WHERE request_id = ? ORDER BY id", (request_id,)) if logs else []
         webhook = db.execute("SELECT state, attempts, error FROM webhooks WHERE request_id = ?", (request_id,)).fetchone()
-        return _record(row, logs, webhook)
+        return _record(row, [json.loads(entry) for (entry,) in entries], webhook)
 
-    async def get(self, request_id: str, app: str | None = None) -> JobRecord | None:
-        return await self._run(self._get, request_id, app)
+    async def get(self, request_id: str, app: str | None = None, bodies: bool = True, logs: bool = True) -> JobRecord | None:
+        return await self._run(self._get, request_id, app, bodies, logs)
 
     async def position(self, request_id: str) -> int | None:
         def position() -> int | None:

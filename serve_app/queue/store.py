@@ -125,8 +125,10 @@ class JobStore(Protocol):
     async def submit(self, job: NewJob, limits: AdmissionLimits = AdmissionLimits()) -> JobRecord:
         """Queue a job (raises `QueueFull` past the limits)."""
 
-    async def get(self, request_id: str, app: str | None = None) -> JobRecord | None:
-        """The job, if it exists (and belongs to `app`, when given)."""
+    async def get(self, request_id: str, app: str | None = None, bodies: bool = True, logs: bool = True) -> JobRecord | None:
+        """The job, if it exists (and belongs to `app`, when given). Status polls ask without
+        `bodies` (payload and result: megabytes with data URIs; left empty) and without `logs`
+        unless the client wants them."""
 
     async def position(self, request_id: str) -> int | None:
         """Jobs ahead of a queued job; None once it left the queue."""
