@@ -143,7 +143,7 @@ class AuthMiddleware:
         try:
             await self.app(scope, receive, send)
         finally:
-            sync_runs.leave(caller)
+            await sync_runs.leave(caller)
 
 
 class RequestMetricsMiddleware:
@@ -225,8 +225,8 @@ class Router:
         # fal's queue: jobs wait in the durable store; this replica's dispatcher runs some of them.
         endpoints = self._queued_endpoints()
         self.queue = QueueService(self.jobs, endpoints, self.config.queue, self.config.network)
-        api.state.sync_runs = SyncRunLimit(self.jobs, self.config.queue.max_running_per_key)
         worker = serve.get_replica_context().replica_id.unique_id
+        api.state.sync_runs = SyncRunLimit(self.jobs, self.config.queue.max_running_per_key, holder=worker)
         self.dispatcher = Dispatcher(self.jobs, endpoints, self.config.queue, worker)
         self.dispatcher.start()
         self.signing_keys = SigningKeys(self.config.webhooks, self.jobs)

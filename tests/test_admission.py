@@ -75,9 +75,29 @@ async def test_a_key_at_its_limit_is_refused_and_others_pass(store):
         await limit.enter(alice)
     assert refused.value.status_code == 429 and refused.value.headers["Retry-After"] == "1" and "queue" in refused.value.detail
     await limit.enter(bob)
-    limit.leave(alice)
+    await limit.leave(alice)
     await limit.enter(alice)  # a place came free
     assert limit.in_flight("alice") == 1 and limit.in_flight("bob") == 1
+
+
+async def test_router_replicas_on_one_store_share_a_keys_running_limit(store):
+    """Two replicas (two SyncRunLimits) on one store: the key's limit is the key's, not each
+    replica's; a replica that dies (stops renewing) stops counting once its calls expire."""
+    first, second = (SyncRunLimit(store, max_running_per_key=2, holder=name, ttl_s=0.6) for name in ("router-1", "router-2"))
+    alice = Caller("alice")
+    await first.enter(alice)
+    await second.enter(alice)
+    with pytest.raises(FalError):
+        await first.enter(alice)
+    with pytest.raises(FalError):
+        await second.enter(alice)
+    await second.leave(alice)
+    await first.enter(alice)  # the place second gave back
+    first._renewer.cancel()  # first dies with two calls in flight: nothing renews them
+    await asyncio.sleep(0.8)
+    await second.enter(alice)
+    await second.enter(alice)
+    assert second.in_flight("alice") == 2
 
 
 async def test_without_a_limit_nothing_is_counted(store):
@@ -123,3 +143,20 @@ async def test_over_http_a_second_sync_call_of_a_key_is_429_until_the_first_ends
     release.set()
     assert (await first).status_code == 200 and (await other).status_code == 200
     assert (await client.post("/fal-ai/lora", headers=alice, json={})).status_code == 200  # her place came free
+
+
+async def test_a_store_that_cannot_be_reached_lets_sync_calls_through():
+    class DownStore:
+        async def enter_sync_run(self, *args):
+            raise ConnectionError("redis is down")
+
+        async def leave_sync_run(self, *args):
+            raise ConnectionError("redis is down")
+
+        async def renew_sync_runs(self, *args):
+            raise ConnectionError("redis is down")
+
+    limit = SyncRunLimit(DownStore(), max_running_per_key=1)
+    await limit.enter(Caller("alice"))
+    await limit.leave(Caller("alice"))  # neither refused nor raised: serving beats limiting here
+    assert limit.in_flight("alice") == 0

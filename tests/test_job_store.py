@@ -428,3 +428,22 @@ async def test_a_light_read_is_the_whole_record_but_the_bodies_and_logs(store):
     assert (await store.get(record.request_id, bodies=False)).logs == [{"message": "step 1/2"}]
     assert await store.get(record.request_id, "fal-ai/flux-lora", bodies=False) is None  # another app's id
     assert await store.get("no-such-id", bodies=False) is None
+
+
+async def test_sync_runs_count_across_holders_with_running_jobs_and_expire_with_their_holder(reopen):
+    first, second = reopen(), reopen()
+    await first.submit(job(key="alice"))
+    await first.claim("w", 30)  # one queued job of alice's running
+    assert await first.enter_sync_run("alice", "router-1", 3, 30)
+    assert await second.enter_sync_run("alice", "router-2", 3, 0.5)
+    assert not await first.enter_sync_run("alice", "router-1", 3, 30)  # 1 job + 2 sync calls: at 3
+    assert await first.enter_sync_run("bob", "router-1", 3, 30)  # by key
+    await second.leave_sync_run("alice", "router-2")
+    assert await second.enter_sync_run("alice", "router-2", 3, 0.5)
+    await asyncio.sleep(0.7)  # router-2 did not renew: its call no longer counts
+    assert await first.enter_sync_run("alice", "router-1", 3, 30)
+    await first.renew_sync_runs("router-1", {"alice": 0, "bob": 1}, 30)  # the true counts replace the store's
+    assert await second.enter_sync_run("alice", "router-2", 3, 30) and await second.enter_sync_run("alice", "router-2", 3, 30)
+    assert not await second.enter_sync_run("alice", "router-2", 3, 30)
+    await first.close()
+    await second.close()

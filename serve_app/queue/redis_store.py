@@ -76,6 +76,44 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 60000)
 return tostring(wait)
 """
 
+# Sync calls in flight, per holder (router replica): a hash per holder, key id -> count, and a
+# sorted set of holders by expiry (the server's clock). Expired holders are dropped first.
+_ENTER_SYNC_RUN = """
+local p, key_id, holder, limit, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local holders = p .. 'sync_holders'
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', holders, '-inf', now)) do
+  redis.call('DEL', p .. 'sync:' .. dead)
+  redis.call('ZREM', holders, dead)
+end
+local total = tonumber(redis.call('HGET', p .. 'running_by_key', key_id) or '0')
+for _, live in ipairs(redis.call('ZRANGE', holders, 0, -1)) do
+  total = total + tonumber(redis.call('HGET', p .. 'sync:' .. live, key_id) or '0')
+end
+if total >= limit then return 0 end
+redis.call('HINCRBY', p .. 'sync:' .. holder, key_id, 1)
+redis.call('ZADD', holders, now + ttl, holder)
+return 1
+"""
+
+_LEAVE_SYNC_RUN = """
+local p, key_id, holder = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HINCRBY', p .. 'sync:' .. holder, key_id, -1) <= 0 then
+  redis.call('HDEL', p .. 'sync:' .. holder, key_id)
+end
+"""
+
+_RENEW_SYNC_RUNS = """
+local p, holder, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local t = redis.call('TIME')
+redis.call('DEL', p .. 'sync:' .. holder)
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', p .. 'sync:' .. holder, ARGV[i], ARGV[i + 1])
+end
+redis.call('ZADD', p .. 'sync_holders', tonumber(t[1]) + tonumber(t[2]) / 1000000 + ttl, holder)
+"""
+
 _SUBMIT = """
 local p, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local max_queued, max_per_key = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -291,6 +329,7 @@ class RedisJobStore:
                 "submit": _SUBMIT, "claim": _CLAIM, "renew": _RENEW, "finish": _FINISH,
                 "cancel": _CANCEL, "requeue": _REQUEUE, "purge": _PURGE,
                 "claim_webhook": _CLAIM_WEBHOOK, "webhook_attempted": _WEBHOOK_ATTEMPTED, "take_token": _TAKE_TOKEN,
+                "enter_sync_run": _ENTER_SYNC_RUN, "leave_sync_run": _LEAVE_SYNC_RUN, "renew_sync_runs": _RENEW_SYNC_RUNS,
             }.items()
         }
 
@@ -415,6 +454,16 @@ class RedisJobStore:
         state = "delivered" if delivered else ("pending" if retry_at is not None else "failed")
         args = [self.prefix, request_id, worker, state, error or "", retry_at if retry_at is not None else ""]
         return bool(await self._scripts["webhook_attempted"](args=args))
+
+    async def enter_sync_run(self, key_id: str, holder: str, limit: int, ttl_s: float) -> bool:
+        return bool(await self._scripts["enter_sync_run"](args=[self.prefix, key_id, holder, limit, ttl_s]))
+
+    async def leave_sync_run(self, key_id: str, holder: str) -> None:
+        await self._scripts["leave_sync_run"](args=[self.prefix, key_id, holder])
+
+    async def renew_sync_runs(self, holder: str, counts: dict[str, int], ttl_s: float) -> None:
+        pairs = [item for key_id, n in counts.items() if n > 0 for item in (key_id, n)]
+        await self._scripts["renew_sync_runs"](args=[self.prefix, holder, ttl_s, *pairs])
 
     async def take_token(self, bucket: str, capacity: float, refill_per_s: float) -> float:
         return float(await self._scripts["take_token"](keys=[self._key("bucket", bucket)], args=[capacity, refill_per_s]))

@@ -75,6 +75,8 @@ CREATE TABLE IF NOT EXISTS webhooks (
 );
 CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, due_at);
 CREATE TABLE IF NOT EXISTS shared_values (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sync_runs (holder TEXT NOT NULL, key_id TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (holder, key_id));
+CREATE TABLE IF NOT EXISTS sync_holders (holder TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rate_buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL);
 """
 
@@ -407,6 +409,39 @@ class SqliteJobStore:
             return cursor.rowcount == 1
 
         return await self._run(attempted)
+
+    async def enter_sync_run(self, key_id: str, holder: str, limit: int, ttl_s: float) -> bool:
+        def enter(db: sqlite3.Connection) -> bool:
+            t = now()
+            db.execute("DELETE FROM sync_runs WHERE holder IN (SELECT holder FROM sync_holders WHERE expires_at <= ?)", (t,))
+            db.execute("DELETE FROM sync_holders WHERE expires_at <= ?", (t,))
+            (running,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'IN_PROGRESS' AND key_id = ?", (key_id,)).fetchone()
+            (sync,) = db.execute("SELECT COALESCE(SUM(count), 0) FROM sync_runs WHERE key_id = ?", (key_id,)).fetchone()
+            if running + sync >= limit:
+                return False
+            db.execute(
+                "INSERT INTO sync_runs (holder, key_id, count) VALUES (?, ?, 1) ON CONFLICT(holder, key_id) DO UPDATE SET count = count + 1",
+                (holder, key_id),
+            )
+            db.execute("INSERT OR REPLACE INTO sync_holders (holder, expires_at) VALUES (?, ?)", (holder, t + ttl_s))
+            return True
+
+        return await self._run(self._transaction, enter)
+
+    async def leave_sync_run(self, key_id: str, holder: str) -> None:
+        def leave(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE sync_runs SET count = count - 1 WHERE holder = ? AND key_id = ?", (holder, key_id))
+            db.execute("DELETE FROM sync_runs WHERE holder = ? AND key_id = ? AND count <= 0", (holder, key_id))
+
+        await self._run(self._transaction, leave)
+
+    async def renew_sync_runs(self, holder: str, counts: dict[str, int], ttl_s: float) -> None:
+        def renew(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM sync_runs WHERE holder = ?", (holder,))
+            db.executemany("INSERT INTO sync_runs (holder, key_id, count) VALUES (?, ?, ?)", [(holder, k, n) for k, n in counts.items() if n > 0])
+            db.execute("INSERT OR REPLACE INTO sync_holders (holder, expires_at) VALUES (?, ?)", (holder, now() + ttl_s))
+
+        await self._run(self._transaction, renew)
 
     async def take_token(self, bucket: str, capacity: float, refill_per_s: float) -> float:
         def take(db: sqlite3.Connection) -> float:

@@ -181,6 +181,18 @@ class JobStore(Protocol):
         """Record an attempt: delivered, failed for good (`retry_at` None), or due again at
         `retry_at`. False when `worker` no longer held the delivery."""
 
+    async def enter_sync_run(self, key_id: str, holder: str, limit: int, ttl_s: float) -> bool:
+        """Count one synchronous call of `key_id` in for `holder` (a router replica), unless the
+        key's running jobs plus the sync calls of every live holder reach `limit`. A holder lives
+        `ttl_s` past its last enter or renewal: a dead router's calls stop counting."""
+        ...
+
+    async def leave_sync_run(self, key_id: str, holder: str) -> None: ...
+
+    async def renew_sync_runs(self, holder: str, counts: dict[str, int], ttl_s: float) -> None:
+        """The holder's sync calls in flight, all of them (they replace what the store had)."""
+        ...
+
     async def take_token(self, bucket: str, capacity: float, refill_per_s: float) -> float:
         """A token bucket every user of the store shares (rate limits): 0 if a token was taken,
         else the seconds until one will be there. Full (`capacity`) when first used."""
