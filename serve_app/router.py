@@ -224,13 +224,14 @@ class Router:
         self.flux = FluxService(flux, self.config, self.inputs, self.store)
         # fal's queue: jobs wait in the durable store; this replica's dispatcher runs some of them.
         endpoints = self._queued_endpoints()
-        self.queue = QueueService(self.jobs, endpoints, self.config.queue, self.config.network)
         worker = serve.get_replica_context().replica_id.unique_id
         api.state.sync_runs = SyncRunLimit(self.jobs, self.config.queue.max_running_per_key, holder=worker)
-        self.dispatcher = Dispatcher(self.jobs, endpoints, self.config.queue, worker)
-        self.dispatcher.start()
         self.signing_keys = SigningKeys(self.config.webhooks, self.jobs)
         self.deliverer = Deliverer(self.jobs, self.config.webhooks, self.config.network, self.signing_keys, worker)
+        self.dispatcher = Dispatcher(self.jobs, endpoints, self.config.queue, worker, on_webhook_due=self.deliverer.wake)
+        # A job queued here wakes this replica's dispatcher: it starts without waiting for a poll.
+        self.queue = QueueService(self.jobs, endpoints, self.config.queue, self.config.network, on_queued=self.dispatcher.wake)
+        self.dispatcher.start()
         self.deliverer.start()
         self.cpu = CpuGauge()
         logger.info("router up, profile %s", self.config.profile)

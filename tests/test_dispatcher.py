@@ -241,3 +241,15 @@ async def test_every_job_ends_when_redis_is_killed_and_restarted_under_running_j
         await dispatcher.stop()
         await store.close()
         server.kill()
+
+
+async def test_a_woken_dispatcher_claims_at_once_rather_than_at_its_next_poll(world):
+    """The router that queues a job wakes its own dispatcher: with polls 60 s apart, the job still
+    runs as soon as it is queued. (An idle claimer's polls also back off, to 4x the interval.)"""
+    store, _, dispatcher = world
+    d = dispatcher(poll_interval_s=60.0)
+    await asyncio.sleep(0.1)  # the claimer found nothing and is waiting out its poll
+    request_id = await submit(store, steps=2)
+    d.wake()
+    assert (await completed(store, request_id, timeout=10.0)).status_code == 200
+    assert d.claimer.max_interval_s == 240.0

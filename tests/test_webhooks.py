@@ -221,3 +221,18 @@ async def test_a_delivery_whose_router_died_mid_try_is_made_by_another_after_a_r
         await survivor.stop()
         await second.close()
     assert record.webhook_attempts == 2 and receiver.received("/after-restart")
+
+
+async def test_a_woken_deliverer_delivers_at_once_and_its_slots_are_shared_by_one_claimer(store, receiver):
+    """Deliveries are claimed by one loop (not one per slot), and a job that ended with a webhook
+    on this router wakes it: with polls a minute apart, the delivery still goes out at once."""
+    worker = deliverer(store, FAST.model_copy(update={"poll_interval_s": 60.0}))
+    worker.start()
+    try:
+        await asyncio.sleep(0.1)  # the claimer found nothing and waits out its poll
+        request_id = await completed_job(store, receiver.url("/woken"))
+        worker.wake()
+        assert (await wait_state(store, request_id, "delivered", timeout_s=10)).webhook_attempts == 1
+        assert worker.claimer.slots == FAST.concurrency
+    finally:
+        await worker.stop()

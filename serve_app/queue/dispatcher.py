@@ -35,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 from serve_app.config import QueueSettings
 from serve_app.errors import FalError, InputError, validation_details
 from serve_app.metrics import metrics, outcome_of, record_request
+from serve_app.queue.claiming import Claimer
 from serve_app.queue.store import CANCELLED, JobRecord, JobStore, Outcome
 from serve_app.services.dispatch import Progress, Run
 
@@ -83,52 +84,44 @@ def record_outcome(job: JobRecord, outcome: Outcome) -> None:
 
 
 class Dispatcher:
-    def __init__(self, store: JobStore, endpoints: dict[str, Endpoint], settings: QueueSettings, worker: str) -> None:
+    def __init__(
+        self, store: JobStore, endpoints: dict[str, Endpoint], settings: QueueSettings, worker: str, on_webhook_due: Callable[[], None] | None = None
+    ) -> None:
         self.store = store
+        self.on_webhook_due = on_webhook_due  # a job with a webhook ended here: its delivery is due now
         self.endpoints = endpoints
         self.settings = settings
         self.worker = worker
         self.apps = {app_of(endpoint_id) for endpoint_id in endpoints}
-        self._tasks: list[asyncio.Task] = []
+        self.claimer = Claimer(
+            f"dispatcher {worker}", self._claim, self._run_job, settings.dispatch_slots, settings.poll_interval_s
+        )
+        self._housekeeper: asyncio.Task | None = None
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._free = asyncio.Semaphore(self.settings.dispatch_slots)
-        self._running: set[asyncio.Task] = set()
-        self._tasks = [loop.create_task(self._claim_loop()), loop.create_task(self._housekeeping())]
+        self.claimer.start()
+        self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping())
+
+    def wake(self) -> None:
+        """A job was just queued through this replica: claim it now rather than at the next poll."""
+        self.claimer.wake()
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._running]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._running, return_exceptions=True)
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            await asyncio.gather(self._housekeeper, return_exceptions=True)
+        await self.claimer.stop()
 
     # --- running jobs -----------------------------------------------------------------------
 
-    async def _claim_loop(self) -> None:
-        """One claimer for all slots: it claims while a slot is free, so an idle router asks the
-        store once per `poll_interval_s`, however many slots it has."""
-        while True:
-            await self._free.acquire()
-            try:
-                job = await self.store.claim(self.worker, self.settings.lease_s, self.apps, self.settings.max_running_per_key)
-            except Exception:  # noqa: BLE001 - a store hiccup must not stop the dispatcher
-                logger.exception("dispatcher %s: claim failed", self.worker)
-                job = None
-            if job is None:
-                self._free.release()
-                await asyncio.sleep(self.settings.poll_interval_s)
-                continue
-            task = asyncio.get_running_loop().create_task(self._run_in_slot(job))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+    async def _claim(self) -> JobRecord | None:
+        return await self.store.claim(self.worker, self.settings.lease_s, self.apps, self.settings.max_running_per_key)
 
-    async def _run_in_slot(self, job: JobRecord) -> None:
+    async def _run_job(self, job: JobRecord) -> None:
         try:
             await self._execute(job)
         except Exception:  # noqa: BLE001 - the job's lease runs out and it runs again
             logger.exception("dispatcher %s: request %s could not be ended", self.worker, job.request_id)
-        finally:
-            self._free.release()
 
     async def _execute(self, job: JobRecord) -> None:
         """Run one claimed job to its outcome, keeping its lease and watching for a cancel."""
@@ -163,6 +156,8 @@ class Dispatcher:
             return
         if await self._patiently(f"writing the outcome of request {job.request_id}", lambda: self.store.finish(job.request_id, self.worker, outcome)):
             record_outcome(job, outcome)  # once: a router that lost the lease does not count it
+            if job.webhook_url and self.on_webhook_due is not None:
+                self.on_webhook_due()
 
     @staticmethod
     async def _patiently(what: str, write: Callable[[], Awaitable[Any]]) -> Any:

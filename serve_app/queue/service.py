@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
@@ -36,8 +36,11 @@ def _urls(base_url: str, app: str, request_id: str) -> dict[str, str]:
 
 
 class QueueService:
-    def __init__(self, store: JobStore, endpoints: dict[str, Endpoint], settings: QueueSettings, network: NetworkPolicy) -> None:
+    def __init__(
+        self, store: JobStore, endpoints: dict[str, Endpoint], settings: QueueSettings, network: NetworkPolicy, on_queued: Callable[[], None] | None = None
+    ) -> None:
         self.store = store
+        self.on_queued = on_queued
         self.endpoints = endpoints
         self.settings = settings
         self.network = network  # where webhook URLs may point
@@ -81,6 +84,8 @@ class QueueService:
         except QueueFull as exc:
             raise FalError(429, f"{exc.reason}; retry shortly", "runner_scheduling_failure", headers={"Retry-After": "5"}) from None
         position = await self.store.position(record.request_id)
+        if self.on_queued is not None:
+            self.on_queued()
         return JSONResponse(
             {
                 "status": "IN_QUEUE",

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from serve_app import url_guard
 from serve_app.config import WebhookSettings
 from serve_app.errors import InputError
+from serve_app.queue.claiming import Claimer
 from serve_app.queue.store import JobRecord, JobStore, now
 from serve_app.url_guard import NetworkPolicy, UrlFetchError
 
@@ -173,7 +174,8 @@ async def check_webhook_url(url: str, policy: NetworkPolicy) -> str:
 
 
 class Deliverer:
-    """`settings.concurrency` loops per router replica, each claiming the delivery due first."""
+    """Up to `settings.concurrency` deliveries at once per router replica, claimed due first by one
+    claimer (serve_app/queue/claiming.py); `wake()` when a job with a webhook ends here."""
 
     def __init__(self, store: JobStore, settings: WebhookSettings, policy: NetworkPolicy, keys: SigningKeys, worker: str) -> None:
         self.store = store
@@ -182,30 +184,19 @@ class Deliverer:
         self.keys = keys
         self.worker = worker
         self.delays = retry_delays(settings)
-        self._tasks: list[asyncio.Task] = []
+        self.claimer = Claimer(f"webhook deliverer {worker}", self._claim, self.deliver, settings.concurrency, settings.poll_interval_s)
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._loop(i)) for i in range(self.settings.concurrency)]
+        self.claimer.start()
+
+    def wake(self) -> None:
+        self.claimer.wake()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.claimer.stop()
 
-    async def _loop(self, index: int) -> None:
-        while True:
-            try:
-                record = await self.store.claim_webhook(self.worker, self.settings.timeout_s + LEASE_SLACK_S)
-                if record is None:
-                    await asyncio.sleep(self.settings.poll_interval_s)
-                    continue
-                await self.deliver(record)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - a store hiccup must not kill the loop; the lease brings the delivery back
-                logger.exception("webhook deliverer %s/%d failed", self.worker, index)
-                await asyncio.sleep(self.settings.poll_interval_s)
+    async def _claim(self) -> JobRecord | None:
+        return await self.store.claim_webhook(self.worker, self.settings.timeout_s + LEASE_SLACK_S)
 
     async def deliver(self, record: JobRecord) -> None:
         """One try (the store counted it when this loop claimed it), and what it leads to."""
