@@ -447,3 +447,16 @@ async def test_sync_runs_count_across_holders_with_running_jobs_and_expire_with_
     assert not await second.enter_sync_run("alice", "router-2", 3, 30)
     await first.close()
     await second.close()
+
+
+async def test_a_keys_sync_calls_on_live_routers_hold_its_queued_jobs_back_too(store):
+    first = await store.submit(job(key="alice"))
+    assert await store.enter_sync_run("alice", "router-1", 1, 30)  # alice's one place: a sync call
+    assert await store.claim("w", 30, max_running_per_key=1) is None  # her queued job waits
+    await store.leave_sync_run("alice", "router-1")
+    assert (await store.claim("w", 30, max_running_per_key=1)).request_id == first.request_id
+    second = await store.submit(job(key="bob"))
+    assert await store.enter_sync_run("bob", "router-2", 1, 0.3)
+    assert await store.claim("w", 30, max_running_per_key=1) is None
+    await asyncio.sleep(0.4)  # router-2 died (no renewal): its call no longer holds bob back
+    assert (await store.claim("w", 30, max_running_per_key=1)).request_id == second.request_id

@@ -144,6 +144,11 @@ local max_running = tonumber(ARGV[6])
 local apps = {}
 local filter = #ARGV > 6
 for i = 7, #ARGV do apps[ARGV[i]] = true end
+local live = {}  -- routers whose sync calls count against the key's running limit
+if max_running and max_running >= 0 then
+  local t = redis.call('TIME')
+  live = redis.call('ZRANGEBYSCORE', p .. 'sync_holders', '(' .. (tonumber(t[1]) + tonumber(t[2]) / 1000000), '+inf')
+end
 for priority = 0, 1 do
   local queue = p .. 'queue:' .. priority
   for _, id in ipairs(redis.call('ZRANGE', queue, 0, window - 1)) do
@@ -152,7 +157,11 @@ for priority = 0, 1 do
     local app, key_id = fields[1], fields[2]
     local allowed = (not filter) or apps[app]
     if allowed and max_running and max_running >= 0 then
-      allowed = tonumber(redis.call('HGET', p .. 'running_by_key', key_id) or '0') < max_running
+      local running = tonumber(redis.call('HGET', p .. 'running_by_key', key_id) or '0')
+      for _, holder in ipairs(live) do
+        running = running + tonumber(redis.call('HGET', p .. 'sync:' .. holder, key_id) or '0')
+      end
+      allowed = running < max_running
     end
     if allowed then
       redis.call('ZREM', queue, id)

@@ -242,8 +242,12 @@ class SqliteJobStore:
             running: dict[str, int] = {}
             for request_id, key_id in candidates:
                 if max_running_per_key is not None:
-                    if key_id not in running:
-                        (running[key_id],) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'IN_PROGRESS' AND key_id = ?", (key_id,)).fetchone()
+                    if key_id not in running:  # its queued jobs running, and its sync calls on live routers
+                        (running[key_id],) = db.execute(
+                            "SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'IN_PROGRESS' AND key_id = ?) + (SELECT COALESCE(SUM(count), 0)"
+                            " FROM sync_runs JOIN sync_holders USING (holder) WHERE key_id = ? AND expires_at > ?)",
+                            (key_id, key_id, now()),
+                        ).fetchone()
                     if running[key_id] >= max_running_per_key:
                         continue
                 started = now()

@@ -6,6 +6,8 @@ without holding a connection, so it is refused with 429 and `Retry-After` instea
 retry 429s). A key's running count is its queued jobs running anywhere plus its synchronous calls
 in flight on every router replica: each replica counts its calls in the job store under its own
 name and renews them every few seconds, so a replica that dies stops counting within `ttl_s`.
+The dispatchers' claims count the same calls: a key whose places are taken by sync calls has its
+queued jobs wait.
 """
 
 from __future__ import annotations
