@@ -37,6 +37,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def results_when_done(http: httpx.Client, jobs: list[dict], timeout_s: float) -> dict[str, httpx.Response]:
+    """Poll submitted jobs (fal's submit replies) until each is COMPLETED, then read its result;
+    a poll that fails (a router that just died) is tried again at the next round. The results of
+    the jobs that ended within `timeout_s`, by request id."""
+    import time
+
+    results: dict[str, httpx.Response] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(results) < len(jobs) and time.monotonic() < deadline:
+        for job in jobs:
+            if job["request_id"] in results:
+                continue
+            try:
+                if http.get(job["status_url"]).status_code == 200:
+                    results[job["request_id"]] = http.get(job["response_url"])
+            except httpx.HTTPError:
+                continue
+        time.sleep(0.2)
+    return results
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")

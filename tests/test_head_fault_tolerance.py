@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import AUTH_HEADERS, free_port
+from tests.conftest import AUTH_HEADERS, free_port, results_when_done
 from tests.private_redis import PrivateRedis, needs_redis_server
 from tests.serve_cluster import RayNodes
 from tests.test_multinode import SMALL, WORKERS, Cluster, production_on_one_machine, wait_until_deployed
@@ -58,13 +57,7 @@ def test_the_head_dies_and_comes_back_and_the_workers_replicas_and_the_queue_liv
             after = replica_ids(cluster)
             for name in ("Router", "StableDiffusion", "LCM", "AdapterFetcher"):
                 assert after[name] == before[name], (name, before[name], after[name])  # the same replicas, never restarted
-            results = {}
-            deadline = time.monotonic() + 180
-            while len(results) < len(jobs) and time.monotonic() < deadline:
-                for job in jobs:
-                    if job["request_id"] not in results and http.get(job["status_url"]).status_code == 200:
-                        results[job["request_id"]] = http.get(job["response_url"])
-                time.sleep(0.2)
+            results = results_when_done(http, jobs, 180)
             assert len(results) == len(jobs), f"{len(jobs) - len(results)} jobs accepted before the crash never ended"
             assert sorted(r.json()["seed"] for r in results.values()) == list(range(6))
             assert http.post("/fal-ai/lora", json=SMALL).status_code == 200

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.tiny_models import ensure_tiny_model
 from serve_app.queue import open_store
-from tests.conftest import ALLOWED_NETWORK, AUTH_HEADERS, LIMITED_KEY, TEST_AUTH, free_port
+from tests.conftest import ALLOWED_NETWORK, AUTH_HEADERS, LIMITED_KEY, TEST_AUTH, free_port, results_when_done
 from tests.private_redis import PrivateRedis, needs_redis_server
 from tests.serve_cluster import ROOT, RayNodes
 
@@ -225,18 +225,7 @@ def test_when_a_worker_node_dies_every_accepted_job_still_ends_with_its_image(cl
         time.sleep(0.05)
     cluster.nodes.kill_node("worker-b")
 
-    results: dict[str, httpx.Response] = {}
-    deadline = time.monotonic() + 240
-    while len(results) < len(jobs) and time.monotonic() < deadline:
-        for job in jobs:
-            if job["request_id"] in results:
-                continue
-            try:
-                if cluster.http.get(job["status_url"]).status_code == 200:
-                    results[job["request_id"]] = cluster.http.get(job["response_url"])
-            except httpx.HTTPError:
-                pass  # the proxy's call reached the dead router: the next poll goes elsewhere
-        time.sleep(0.2)
+    results = results_when_done(cluster.http, jobs, 240)  # a poll that reached the dead router is tried again
     assert len(results) == len(jobs), f"{len(jobs) - len(results)} accepted jobs never ended"
     assert sorted(r.json()["seed"] for r in results.values()) == list(range(8))
     assert all(r.status_code == 200 and r.json()["images"] for r in results.values())

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.conftest import IMAGE_HOST, LIMITED_KEY
+from tests.conftest import IMAGE_HOST, LIMITED_KEY, results_when_done
 from tests.test_fal_client import run_client
 from tests.test_job_store import REDIS
 from tests.webhook_receiver import WebhookReceiver, verify
@@ -384,19 +384,7 @@ def test_jobs_of_a_killed_router_are_run_again_and_none_is_lost(queue_app, qhttp
     (router,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{queue_app.app_name}#Router" in a["name"]]
     ray.kill(ray.get_actor(router["name"], namespace=router["namespace"]), no_restart=True)
 
-    results = {}
-    deadline = time.monotonic() + 180
-    while len(results) < len(submitted) and time.monotonic() < deadline:
-        for s in submitted:
-            if s["request_id"] in results:
-                continue
-            try:
-                status = qhttp.get(s["status_url"])
-            except httpx.HTTPError:
-                continue  # the proxy has no router for a moment
-            if status.status_code == 200:
-                results[s["request_id"]] = qhttp.get(s["response_url"])
-        time.sleep(0.2)
+    results = results_when_done(qhttp, submitted, 180)  # polls the proxy sends to no router are tried again
     assert len(results) == len(submitted), "some accepted jobs never completed"
     assert all(r.status_code == 200 and r.json()["images"] for r in results.values()), [r.text[:200] for r in results.values()]
     assert sorted(r.json()["seed"] for r in results.values()) == list(range(6))
